@@ -1,0 +1,324 @@
+"""The `snaptree` command line: a thin shell over the service layer.
+
+Exit status 2 means the command was refused and nothing changed; 1 means it failed while doing
+it. With `--json` the same status, and `{"error": {"code", "message"}}` on stdout as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.tree import Tree
+
+from adapters.qemu import qemu_img
+from adapters.service import Service
+from domain.errors import Refused, SnaptreeError
+from domain.tree import NodeKind
+from domain.vm import VirtualMachine
+from projections.tree_view import children_map, merges_json, tree_json
+
+err_console = Console(stderr=True)
+
+
+class Ctx:
+    def __init__(self, home: str | None, host: str | None) -> None:
+        self.home = home
+        self.host = host
+        self._service: Service | None = None
+
+    @property
+    def service(self) -> Service:
+        if self._service is None:
+            self._service = Service.open(self.home, self.host)
+        return self._service
+
+
+def emit(data: Any, as_json: bool, text: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=False))
+    elif text is not None:
+        click.echo(text)
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds `--json` and maps domain errors to the exit statuses of DESIGN §3b."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @click.pass_obj
+    @functools.wraps(fn)
+    def wrapper(ctx: Ctx, *args: Any, as_json: bool, **kwargs: Any) -> Any:
+        try:
+            return fn(ctx, *args, as_json=as_json, **kwargs)
+        except Refused as exc:
+            fail(2, exc.code, exc.message, as_json)
+        except (SnaptreeError, qemu_img.QemuImgError, OSError, RuntimeError) as exc:
+            code = getattr(exc, "code", "failed")
+            fail(1, code, str(exc), as_json)
+
+    return wrapper
+
+
+def fail(status: int, code: str, message: str, as_json: bool) -> None:
+    click.echo(f"snaptree: error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": {"code": code, "message": message}}))
+    sys.exit(status)
+
+
+def wait_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--no-wait", is_flag=True, help="Return once recorded; a worker does the disk work later."
+    )(fn)
+
+
+def settle(ctx: Ctx, vm: str, no_wait: bool, as_json: bool) -> None:
+    if no_wait:
+        return
+    show = not as_json and sys.stderr.isatty()
+
+    def progress(vm_name: str, what: str, fraction: float) -> None:
+        if show:
+            err_console.print(f"  {vm_name}: {what} {fraction * 100:5.1f}%", end="\r")
+
+    ctx.service.wait(vm, progress)
+    if show:
+        err_console.print(" " * 60, end="\r")
+
+
+def measure(path: str) -> int:
+    try:
+        return qemu_img.allocated_bytes(path)
+    except (qemu_img.QemuImgError, OSError):
+        return 0
+
+
+def held(path: str) -> int:
+    try:
+        return qemu_img.disk_usage(path)
+    except OSError:
+        return 0
+
+
+@click.group()
+@click.option("--home", envvar="SNAPTREE_HOME", help="Data directory (default: per-user data dir).")
+@click.option("--host", envvar="SNAPTREE_HOST", help="This host's name (default: hostname).")
+@click.version_option(package_name="snaptree")
+@click.pass_context
+def main(click_ctx: click.Context, home: str | None, host: str | None) -> None:
+    """Live snapshot trees for QEMU VMs, with Hyper-V checkpoint semantics."""
+    click_ctx.obj = Ctx(home, host)
+
+
+# --- vm ---
+
+
+@main.group()
+def vm() -> None:
+    """Register and list VMs."""
+
+
+@vm.command("create")
+@click.argument("name")
+@click.option("--disk", "disks", multiple=True, required=True, metavar="[NAME=]PATH",
+              help="A qcow2 disk the VM owns (repeatable). It stays where it is unless --copy.")
+@click.option("--copy", is_flag=True, help="Copy the disks into the data directory first.")
+@click.option("--vm-host", "vm_host", help="Host that runs this VM (default: this host).")
+@click.option("--memory", type=click.IntRange(16), default=256, show_default=True, help="MiB.")
+@click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)
+@command
+def vm_create(ctx: Ctx, name: str, disks: tuple[str, ...], copy: bool, vm_host: str | None,
+              memory: int, cpus: int, as_json: bool) -> None:
+    """Register VM NAME with its own disk files."""
+    agg = ctx.service.create_vm(name, list(disks), copy=copy, host=vm_host,
+                                config={"memory_mib": memory, "cpus": cpus})
+    emit({"vm": agg.name, "id": str(agg.id), "current": str(agg.current), "disks": agg.disks},
+         as_json, f"created VM {agg.name} with disks " + ", ".join(f"{d}={p}" for d, p in agg.disks.items()))
+
+
+@vm.command("list")
+@command
+def vm_list(ctx: Ctx, as_json: bool) -> None:
+    """List registered VMs."""
+    rows = []
+    for name in ctx.service.app.vm_names():
+        agg = ctx.service.app.get_vm(name)
+        snaps = sum(1 for n in agg.nodes.values() if n.kind is NodeKind.SNAPSHOT)
+        hidden = sum(1 for n in agg.nodes.values() if n.kind is NodeKind.HIDDEN)
+        rows.append({"vm": name, "host": agg.host, "snapshots": snaps, "hidden": hidden,
+                     "disks": agg.disks})
+    emit(rows, as_json, "\n".join(
+        f"{r['vm']}\thost={r['host']}\tsnapshots={r['snapshots']}\thidden={r['hidden']}" for r in rows
+    ) or "no VMs")
+
+
+# --- snapshot ---
+
+
+@main.group()
+def snapshot() -> None:
+    """Take, apply, delete, rename and revert snapshots."""
+
+
+@snapshot.command("take")
+@click.argument("vm_name", metavar="VM")
+@click.argument("name")
+@wait_option
+@command
+def snapshot_take(ctx: Ctx, vm_name: str, name: str, no_wait: bool, as_json: bool) -> None:
+    """Take snapshot NAME of VM."""
+    node = ctx.service.app.take(vm_name, name)
+    settle(ctx, vm_name, no_wait, as_json)
+    emit({"vm": vm_name, "snapshot": str(node), "name": name}, as_json, f"took snapshot {name} ({node})")
+
+
+@snapshot.command("apply")
+@click.argument("vm_name", metavar="VM")
+@click.argument("snap", metavar="SNAPSHOT")
+@wait_option
+@command
+def snapshot_apply(ctx: Ctx, vm_name: str, snap: str, no_wait: bool, as_json: bool) -> None:
+    """Set VM to start from a copy of SNAPSHOT; the current state is discarded."""
+    current = ctx.service.app.apply(vm_name, snap)
+    settle(ctx, vm_name, no_wait, as_json)
+    emit({"vm": vm_name, "snapshot": snap, "current": str(current)}, as_json,
+         f"applied {snap}: new current state {current}")
+
+
+@snapshot.command("delete")
+@click.argument("vm_name", metavar="VM")
+@click.argument("snap", metavar="SNAPSHOT")
+@click.option("--subtree", is_flag=True, help="Also delete every snapshot below it.")
+@wait_option
+@command
+def snapshot_delete(ctx: Ctx, vm_name: str, snap: str, subtree: bool, no_wait: bool, as_json: bool) -> None:
+    """Delete SNAPSHOT (its layers merge or wait as a hidden node, by the rules)."""
+    deleted = ctx.service.app.delete(vm_name, snap, subtree=subtree)
+    settle(ctx, vm_name, no_wait, as_json)
+    emit({"vm": vm_name, "deleted": [str(d) for d in deleted]}, as_json,
+         f"deleted {len(deleted)} snapshot(s)")
+
+
+@snapshot.command("rename")
+@click.argument("vm_name", metavar="VM")
+@click.argument("snap", metavar="SNAPSHOT")
+@click.argument("new_name", metavar="NEW")
+@command
+def snapshot_rename(ctx: Ctx, vm_name: str, snap: str, new_name: str, as_json: bool) -> None:
+    """Rename SNAPSHOT to NEW (the only edit a snapshot allows)."""
+    ctx.service.app.rename(vm_name, snap, new_name)
+    emit({"vm": vm_name, "snapshot": snap, "name": new_name}, as_json, f"renamed {snap} to {new_name}")
+
+
+@snapshot.command("revert")
+@click.argument("vm_name", metavar="VM")
+@wait_option
+@command
+def snapshot_revert(ctx: Ctx, vm_name: str, no_wait: bool, as_json: bool) -> None:
+    """Apply the nearest visible snapshot above the current state."""
+    current = ctx.service.app.revert(vm_name)
+    settle(ctx, vm_name, no_wait, as_json)
+    emit({"vm": vm_name, "current": str(current)}, as_json, f"reverted: new current state {current}")
+
+
+# --- tree and merges ---
+
+
+@main.command("tree")
+@click.argument("vm_name", metavar="VM")
+@command
+def tree(ctx: Ctx, vm_name: str, as_json: bool) -> None:
+    """Show VM's snapshot tree: which file gets the writes, which are frozen, pending merges."""
+    agg = ctx.service.app.get_vm(vm_name)
+    data = tree_json(agg, measure)
+    if as_json:
+        emit(data, True)
+        return
+    Console().print(render_tree(agg, data))
+
+
+def render_tree(agg: VirtualMachine, data: dict[str, Any]) -> Tree:
+    by_id = {n["id"]: n for n in data["nodes"]}
+    kids = children_map(agg)
+    current = by_id[data["current"]]
+    top = Tree(f"[bold]{agg.name}[/] (host {agg.host}; current chain depth {current['chain_depth']})")
+
+    def label(n: dict[str, Any]) -> str:
+        if n["kind"] == "current":
+            head = "[bold green]● now[/] (current state)"
+            files = "  ".join(f"{d}: [green]{p}[/] (active, written)" for d, p in n["disks"].items())
+        elif n["kind"] == "hidden":
+            m = n["merge"]
+            why = m["blocked_by"] or m["state"]
+            head = f"[yellow]◌ {n['name']}[/] [dim](hidden, {n['dependents']} dependents, merge {m['state']}: {why}, {m['bytes']} bytes)[/]"
+            files = "  ".join(f"{d}: {p}" for d, p in n["disks"].items())
+        else:
+            head = f"[bold]◆ {n['name']}[/] [dim]{n['id'][:8]} {n['created_at']}[/]"
+            files = "  ".join(f"{d}: {p} (frozen)" for d, p in n["disks"].items())
+        if not n["ready"]:
+            files += "  [dim](being created)[/]"
+        return f"{head}\n[dim]{files}[/]"
+
+    def add(parent: Tree, node_id: Any) -> None:
+        for child in kids.get(node_id, []):
+            branch = parent.add(label(by_id[str(child.id)]))
+            add(branch, child.id)
+
+    add(top, None)
+    return top
+
+
+@main.command("merges")
+@click.argument("vm_name", metavar="[VM]", required=False)
+@command
+def merges(ctx: Ctx, vm_name: str | None, as_json: bool) -> None:
+    """List hidden nodes and merges in flight, with what blocks each and what it would cost."""
+    names = [vm_name] if vm_name else ctx.service.app.vm_names()
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        agg = ctx.service.app.get_vm(name)
+        rows.extend(merges_json(agg, measure, held))
+    emit(rows, as_json, "\n".join(
+        f"{r['vm']}\t{r['node']}\t{r['name']}\tdependents={r['dependents']}\t{r['state']}"
+        f"\tblocked_by={r['blocked_by']}\tbytes_held={r['bytes_held']}\tmerge_bytes={r['merge_bytes']}"
+        for r in rows
+    ) or "no pending merges")
+
+
+@main.command("merge")
+@click.argument("vm_name", metavar="VM")
+@click.argument("node", metavar="NODE")
+@click.option("--force", is_flag=True, help="Merge even with 2+ dependents: pull the data up into each.")
+@wait_option
+@command
+def merge(ctx: Ctx, vm_name: str, node: str, force: bool, no_wait: bool, as_json: bool) -> None:
+    """Merge hidden NODE now (retry a failed merge, or --force one with 2+ dependents)."""
+    node_id = ctx.service.app.merge(vm_name, node, force=force)
+    settle(ctx, vm_name, no_wait, as_json)
+    emit({"vm": vm_name, "node": str(node_id)}, as_json, f"merged node {node_id}")
+
+
+# --- worker ---
+
+
+@main.group()
+def worker() -> None:
+    """Run the worker that performs the disk work."""
+
+
+@worker.command("run")
+@click.option("--until-idle", is_flag=True, help="Exit once no work is left.")
+@command
+def worker_run(ctx: Ctx, until_idle: bool, as_json: bool) -> None:
+    """Follow the event log and perform overlay creation, merges and file removal."""
+    w = ctx.service.worker()
+    w.run(until_idle=until_idle)
+    emit({"position": w.position}, as_json, f"worker idle at notification {w.position}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Builds the application from the environment: the embedded default or the PostgreSQL store.
+
+With no configuration, events go to SQLite in the data directory. Setting the `eventsourcing`
+variables (PERSISTENCE_MODULE=eventsourcing.postgres, POSTGRES_DBNAME, POSTGRES_HOST, ...)
+selects PostgreSQL instead; everything else stays the same.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from adapters.storage import DataDir
+from domain.application import Snaptree
+
+TRANSCODER = "adapters.transcoder:MsgpackTranscoder"
+
+
+def store_env(data: DataDir, environ: dict[str, str] | None = None) -> dict[str, str]:
+    environ = dict(os.environ if environ is None else environ)
+    env = {"TRANSCODER_TOPIC": TRANSCODER}
+    module = environ.get("PERSISTENCE_MODULE", "")
+    if not module or module == "eventsourcing.sqlite":
+        env["PERSISTENCE_MODULE"] = "eventsourcing.sqlite"
+        env["SQLITE_DBNAME"] = environ.get("SQLITE_DBNAME") or str(data.event_db)
+        env.setdefault("SQLITE_LOCK_TIMEOUT", environ.get("SQLITE_LOCK_TIMEOUT", "30"))
+    return env
+
+
+def open_app(data: DataDir | None = None, environ: dict[str, str] | None = None) -> Snaptree:
+    data = data or DataDir.open()
+    return Snaptree(layout=data, env=store_env(data, environ))
+
+
+def this_host() -> str:
+    return os.environ.get("SNAPTREE_HOST") or socket.gethostname()
+
+
+def store_description(app: Snaptree) -> str:
+    module = app.env.get("PERSISTENCE_MODULE", "")
+    if module.endswith("postgres"):
+        return f"postgres://{app.env.get('POSTGRES_HOST', '')}/{app.env.get('POSTGRES_DBNAME', '')}"
+    return f"sqlite:{app.env.get('SQLITE_DBNAME', '')}"

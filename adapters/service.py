@@ -1,0 +1,109 @@
+"""The service layer every entry point shares: checks what needs the disk, then calls the domain.
+
+The domain cannot look at files; here a disk handed to `vm create` is checked (exists, is a
+qcow2 image) before any event is recorded, and in the embedded mode a command waits for its
+side effects by draining the VM's work right away.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.config import open_app, this_host
+from adapters.qemu import qemu_img
+from adapters.storage import DataDir
+from domain.application import Snaptree
+from domain.errors import InvalidDisk, Refused, VMExists
+from domain.names import validate_name
+from domain.vm import VirtualMachine
+from workers.disk_effects import Progress, _quiet
+from workers.runner import Worker
+
+
+def parse_disks(specs: list[str]) -> dict[str, str]:
+    """`PATH` or `NAME=PATH` per disk; unnamed disks are disk0, disk1, ... in order."""
+    disks: dict[str, str] = {}
+    for i, spec in enumerate(specs):
+        name, sep, path = spec.partition("=")
+        if not sep or "/" in name:
+            name, path = f"disk{i}", spec
+        validate_name(name, "disk name")
+        if name in disks:
+            raise Refused(f"disk name {name!r} given twice")
+        disks[name] = os.path.abspath(path)
+    return disks
+
+
+@dataclass
+class Service:
+    data: DataDir
+    app: Snaptree
+    host: str
+
+    @classmethod
+    def open(cls, home: str | None = None, host: str | None = None) -> Service:
+        data = DataDir.open(home)
+        return cls(data, open_app(data), host or this_host())
+
+    def worker(self, progress: Progress = _quiet) -> Worker:
+        return Worker(self.app, self.data, self.host, progress)
+
+    def wait(self, vm: str, progress: Progress = _quiet) -> int:
+        """Perform the VM's outstanding side effects now (the embedded default)."""
+        return self.worker(progress).drain(vm)
+
+    def create_vm(
+        self,
+        name: str,
+        disk_specs: list[str],
+        *,
+        copy: bool = False,
+        host: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> VirtualMachine:
+        validate_name(name, "VM name")
+        if not disk_specs:
+            raise Refused("give at least one --disk PATH")
+        disks = parse_disks(disk_specs)
+        for disk, path in disks.items():
+            if not os.path.isfile(path):
+                raise InvalidDisk(f"disk {disk}: {path} does not exist or is not a file")
+            if not qemu_img.is_qcow2(path):
+                raise InvalidDisk(f"disk {disk}: {path} is not a qcow2 image")
+            if self.data.owns(path) and not copy:
+                raise InvalidDisk(f"disk {disk}: {path} lies inside the data directory; pass --copy")
+        if name in self._existing_names():
+            raise VMExists(f"a VM named {name!r} already exists")
+        copies: list[Path] = []
+        if copy:
+            disks, copies = self._copy_disks(name, disks)
+        try:
+            self.app.create_vm(name, disks, host=host or self.host, config=config)
+        except BaseException:
+            for c in copies:
+                c.unlink(missing_ok=True)
+            raise
+        return self.app.get_vm(name)
+
+    def _existing_names(self) -> set[str]:
+        return set(self.app.vm_names())
+
+    def _copy_disks(self, vm: str, disks: dict[str, str]) -> tuple[dict[str, str], list[Path]]:
+        folder = self.data.vm_dir(vm) / "disks"
+        folder.mkdir(parents=True, exist_ok=True)
+        copied: dict[str, str] = {}
+        made: list[Path] = []
+        for disk, path in disks.items():
+            if qemu_img.backing_file(path):
+                raise InvalidDisk(f"disk {disk}: {path} has a backing file; --copy takes standalone images")
+            target = folder / f"{disk}.qcow2"
+            tmp = target.with_suffix(".tmp")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+            made.append(target)
+            copied[disk] = str(target)
+        return copied, made

@@ -1,0 +1,83 @@
+"""msgpack encoding for every stored event, aggregate snapshot and queue message.
+
+JSON cannot carry a dict with UUID keys (a merge's per-dependent layers) nor tell a tuple from a
+list; msgpack with extension types keeps every value's type across a round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+import msgpack
+from eventsourcing.persistence import Transcoder
+from eventsourcing.utils import get_topic, resolve_topic
+
+EXT_UUID = 1
+EXT_DATETIME = 2
+EXT_ENUM = 3
+EXT_TUPLE = 4
+EXT_DATACLASS = 5
+
+# Only these modules' dataclasses and enums may be rebuilt from stored bytes: a topic is a class
+# path, and decoding must never import whatever a stored message names.
+TRUSTED_PREFIXES = ("domain.",)
+
+
+def _trusted(topic: str) -> bool:
+    return topic.startswith(TRUSTED_PREFIXES)
+
+
+def _default(obj: Any) -> msgpack.ExtType:
+    if isinstance(obj, UUID):
+        return msgpack.ExtType(EXT_UUID, obj.bytes)
+    if isinstance(obj, datetime):
+        return msgpack.ExtType(EXT_DATETIME, obj.isoformat().encode())
+    if isinstance(obj, Enum):
+        return msgpack.ExtType(EXT_ENUM, packb([get_topic(type(obj)), obj.value]))
+    if isinstance(obj, tuple):
+        return msgpack.ExtType(EXT_TUPLE, packb(list(obj)))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        state = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return msgpack.ExtType(EXT_DATACLASS, packb([get_topic(type(obj)), state]))
+    if isinstance(obj, (str, int, float, bytes, list, dict)):  # subclasses (strict_types)
+        base = next(t for t in (str, int, float, bytes, list, dict) if isinstance(obj, t))
+        return base(obj)  # type: ignore[no-any-return]
+    raise TypeError(f"cannot encode {type(obj).__qualname__} with msgpack")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_UUID:
+        return UUID(bytes=data)
+    if code == EXT_DATETIME:
+        return datetime.fromisoformat(data.decode())
+    if code == EXT_TUPLE:
+        return tuple(unpackb(data))
+    if code in (EXT_ENUM, EXT_DATACLASS):
+        topic, value = unpackb(data)
+        if not _trusted(topic):
+            raise ValueError(f"refusing to decode untrusted type {topic!r}")
+        cls = resolve_topic(topic)
+        return cls(value) if code == EXT_ENUM else cls(**value)
+    return msgpack.ExtType(code, data)
+
+
+def packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_default, strict_types=True, use_bin_type=True)
+
+
+def unpackb(data: bytes) -> Any:
+    return msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False, raw=False)
+
+
+class MsgpackTranscoder(Transcoder):
+    """The `eventsourcing` transcoder for snaptree's stores (set by TRANSCODER_TOPIC)."""
+
+    def encode(self, obj: Any) -> bytes:
+        return packb(obj)
+
+    def decode(self, data: bytes) -> Any:
+        return unpackb(data)

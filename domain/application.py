@@ -1,0 +1,161 @@
+"""The snaptree Application: the command methods every entry point (CLI, Python API, queue) calls.
+
+It loads a VM aggregate, lets it decide, and saves the new events with optimistic concurrency on
+the aggregate version. A command that loses a race is simply run again on the fresh state: every
+command is a pure decision on the state it is given.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, ClassVar, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError
+
+from domain.errors import UnknownVM, VMExists
+from domain.names import validate_name
+from domain.ports import Layout
+from domain.tree import MergeDirection
+from domain.vm import VirtualMachine, vm_id
+
+T = TypeVar("T")
+
+MAX_ATTEMPTS = 20
+
+
+class Snaptree(Application[UUID]):
+    name = "snaptree"
+    # Aggregate snapshots keep loading a VM with a long history as fast as loading a new one.
+    snapshotting_intervals: ClassVar[dict[type, int]] = {VirtualMachine: 100}
+    # Commands work on the cached aggregate itself (no deep copy of a tree with hundreds of
+    # nodes per command); a command that fails evicts it, and a per-VM lock keeps threads apart.
+    env: ClassVar[dict[str, str]] = {
+        "AGGREGATE_CACHE_MAXSIZE": "256",
+        "DEEPCOPY_FROM_AGGREGATE_CACHE": "n",
+    }
+
+    def __init__(self, layout: Layout, env: dict[str, str] | None = None) -> None:
+        super().__init__(env=env)
+        self.layout = layout
+        self._locks: dict[UUID, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # --- queries ---
+
+    def get_vm(self, name: str) -> VirtualMachine:
+        validate_name(name, "VM name")
+        try:
+            vm = self.repository.get(vm_id(name))
+        except AggregateNotFoundError:
+            raise UnknownVM(f"no VM named {name!r}") from None
+        assert isinstance(vm, VirtualMachine)
+        return vm
+
+    def get_vm_at(self, name: str, version: int) -> VirtualMachine:
+        vm = self.repository.get(vm_id(name), version=version)
+        assert isinstance(vm, VirtualMachine)
+        return vm
+
+    def vm_names(self) -> list[str]:
+        """Every registered VM, read off the notification log's `Registered` events."""
+        topic = f"{VirtualMachine.Registered.__module__}:{VirtualMachine.Registered.__qualname__}"
+        names: list[str] = []
+        start = 0
+        while True:
+            batch = self.recorder.select_notifications(
+                start, 1000, topics=[topic], inclusive_of_start=False
+            )
+            if not batch:
+                return sorted(names)
+            for n in batch:
+                names.append(self.mapper.to_domain_event(n).name)  # type: ignore[attr-defined]
+            start = batch[-1].id
+
+    # --- commands ---
+
+    def create_vm(
+        self, name: str, disks: dict[str, str], host: str, config: dict[str, Any] | None = None
+    ) -> UUID:
+        vm = VirtualMachine.register(name=name, host=host, disks=disks, config=config)
+        try:
+            self.save(vm)
+        except IntegrityError:
+            raise VMExists(f"a VM named {name!r} already exists") from None
+        return vm.id
+
+    def take(self, vm: str, name: str) -> UUID:
+        return self._command(vm, lambda agg: agg.take_snapshot(name, self._paths(agg)))
+
+    def apply(self, vm: str, snapshot: str) -> UUID:
+        return self._command(vm, lambda agg: agg.apply_snapshot(snapshot, self._paths(agg)))
+
+    def revert(self, vm: str) -> UUID:
+        return self._command(vm, lambda agg: agg.revert(self._paths(agg)))
+
+    def delete(self, vm: str, snapshot: str, *, subtree: bool = False) -> list[UUID]:
+        return self._command(vm, lambda agg: agg.delete_snapshot(snapshot, subtree=subtree))
+
+    def rename(self, vm: str, snapshot: str, new_name: str) -> None:
+        self._command(vm, lambda agg: agg.rename_snapshot(snapshot, new_name))
+
+    def merge(self, vm: str, node: str, *, force: bool = False) -> UUID:
+        return self._command(vm, lambda agg: agg.merge(node, force=force))
+
+    # --- results reported by workers ---
+
+    def layers_created(self, vm: str, node_id: UUID) -> None:
+        self._command(vm, lambda agg: agg.layers_created(node_id))
+
+    def merge_started(
+        self, vm: str, node_id: UUID, into: list[UUID], direction: MergeDirection, nbytes: int
+    ) -> None:
+        self._command(vm, lambda agg: agg.merge_started(node_id, into, direction, nbytes))
+
+    def merge_completed(self, vm: str, node_id: UUID) -> None:
+        self._command(vm, lambda agg: agg.merge_completed(node_id))
+
+    def merge_failed(self, vm: str, node_id: UUID, error: str) -> None:
+        self._command(vm, lambda agg: agg.merge_failed(node_id, error))
+
+    def files_removed(self, vm: str, paths: list[str]) -> None:
+        self._command(vm, lambda agg: agg.files_removed(paths))
+
+    # --- internals ---
+
+    def _paths(self, vm: VirtualMachine) -> Callable[[UUID], dict[str, str]]:
+        return lambda node_id: {
+            disk: self.layout.layer_path(vm.name, node_id, disk) for disk in vm.disks
+        }
+
+    def _command(self, vm: str, decide: Callable[[VirtualMachine], T]) -> T:
+        validate_name(vm, "VM name")
+        with self._lock(vm_id(vm)):
+            for attempt in range(MAX_ATTEMPTS):
+                agg = self.get_vm(vm)
+                try:
+                    result = decide(agg)
+                    self.save(agg)
+                except IntegrityError:
+                    self._evict(agg.id)
+                    if attempt == MAX_ATTEMPTS - 1:
+                        raise
+                    continue  # another process saved first: decide again on the new state
+                except BaseException:
+                    self._evict(agg.id)
+                    raise
+                return result
+        raise AssertionError("unreachable")
+
+    def _evict(self, aggregate_id: UUID) -> None:
+        cache = self.repository.cache
+        if cache is not None:
+            try:
+                cache.get(aggregate_id, evict=True)
+            except KeyError:
+                pass
+
+    def _lock(self, aggregate_id: UUID) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(aggregate_id, threading.Lock())

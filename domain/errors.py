@@ -1,0 +1,51 @@
+"""Domain errors. Each carries a stable `code` that the CLI and the queue replies expose.
+
+A `Refused` error means the command was rejected before anything changed (exit status 2);
+nothing in the domain ever fails half way: the aggregate decides before it records.
+"""
+
+from __future__ import annotations
+
+
+class SnaptreeError(Exception):
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Refused(SnaptreeError):
+    """The command was refused: bad input, unknown name, or a conflict. Nothing changed."""
+
+    code = "refused"
+
+
+class InvalidName(Refused):
+    code = "invalid_name"
+
+
+class UnknownVM(Refused):
+    code = "unknown_vm"
+
+
+class UnknownSnapshot(Refused):
+    code = "unknown_snapshot"
+
+
+class NameTaken(Refused):
+    code = "name_taken"
+
+
+class VMExists(Refused):
+    code = "vm_exists"
+
+
+class Conflict(Refused):
+    """The command conflicts with work in progress (a merge that has started)."""
+
+    code = "conflict"
+
+
+class InvalidDisk(Refused):
+    code = "invalid_disk"

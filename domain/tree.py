@@ -1,0 +1,115 @@
+"""The snapshot tree as plain data, and the pure queries over it.
+
+A node owns one layer file per disk. The tree here is the *physical* tree: a node's parent is the
+node whose layers back its own. Visible snapshots, the current state and hidden (merge-pending)
+nodes are all nodes; `kind` tells them apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Iterable, Iterator
+from uuid import UUID
+
+
+class NodeKind(str, Enum):
+    SNAPSHOT = "snapshot"
+    CURRENT = "current"
+    HIDDEN = "hidden"
+
+
+class MergeState(str, Enum):
+    PENDING = "pending"  # hidden with 2+ dependents: waits until it has one
+    SCHEDULED = "scheduled"  # one dependent: the worker will merge it
+    RUNNING = "running"  # the worker recorded its plan and is merging
+    FAILED = "failed"  # the worker gave up; `merge VM NODE` retries
+
+
+class MergeDirection(str, Enum):
+    # Commit the dependent's data down into the hidden layer; the dependent takes that file over.
+    COMMIT_DOWN = "commit-down"
+    # Pull the hidden layer's data up into the dependent (safe rebase onto the grandparent).
+    PULL_UP = "pull-up"
+
+
+@dataclass
+class MergePlan:
+    """What the worker recorded before touching a file, so a crash resumes the same merge."""
+
+    into: tuple[UUID, ...]  # the dependents that receive the data (one, or all for a forced merge)
+    direction: MergeDirection
+    bytes: int
+
+
+@dataclass
+class Node:
+    id: UUID
+    kind: NodeKind
+    name: str | None
+    parent: UUID | None
+    created_at: datetime
+    layers: dict[str, str]  # disk name -> absolute path of this node's layer file
+    ready: bool = True  # False until the worker has created the layer files
+    config: dict[str, object] = field(default_factory=dict)
+    memory: dict[str, object] | None = None  # saved memory (live snapshots), None when none
+    merge_state: MergeState | None = None  # hidden nodes only
+    merge_forced: bool = False
+    merge_plan: MergePlan | None = None
+    merge_error: str | None = None
+    scheduled_at: int = 0  # aggregate version at which this node's outstanding work was scheduled
+
+    @property
+    def visible(self) -> bool:
+        return self.kind is NodeKind.SNAPSHOT
+
+
+def children(nodes: dict[UUID, Node], node_id: UUID) -> list[Node]:
+    """Dependents of a node: every node whose layers use this node's layers as backing."""
+    return [n for n in nodes.values() if n.parent == node_id]
+
+
+def ancestors(nodes: dict[UUID, Node], node_id: UUID) -> Iterator[Node]:
+    """The nodes above `node_id`, nearest first."""
+    parent = nodes[node_id].parent
+    while parent is not None:
+        node = nodes[parent]
+        yield node
+        parent = node.parent
+
+
+def descendants(nodes: dict[UUID, Node], node_id: UUID) -> list[Node]:
+    """Every node below `node_id`, deepest first (post-order), so deletions can go leaf-first."""
+    out: list[Node] = []
+    kids: dict[UUID | None, list[Node]] = {}
+    for n in nodes.values():
+        kids.setdefault(n.parent, []).append(n)
+
+    def walk(nid: UUID) -> None:
+        for child in sorted(kids.get(nid, []), key=lambda n: n.created_at):
+            walk(child.id)
+            out.append(child)
+
+    walk(node_id)
+    return out
+
+
+def root(nodes: dict[UUID, Node]) -> Node:
+    return next(n for n in nodes.values() if n.parent is None)
+
+
+def chain_depth(nodes: dict[UUID, Node], node_id: UUID) -> int:
+    """How many layers a read of this node may go through below its own."""
+    return sum(1 for _ in ancestors(nodes, node_id))
+
+
+def visible_snapshots(nodes: dict[UUID, Node]) -> Iterable[Node]:
+    return (n for n in nodes.values() if n.kind is NodeKind.SNAPSHOT)
+
+
+def find_by_name(nodes: dict[UUID, Node], name: str) -> Node | None:
+    for n in nodes.values():
+        if n.kind is NodeKind.SNAPSHOT and n.name == name:
+            return n
+    return None

@@ -1,0 +1,55 @@
+"""The side effects a VM's tree still asks for, in the order a worker must perform them.
+
+Work is read off the aggregate's state, not off single events: a worker that crashed, ran an item
+twice, or starts after a restart asks again and gets exactly what is still to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from uuid import UUID
+
+from domain.tree import MergeState, NodeKind
+from domain.vm import VirtualMachine
+
+
+class WorkKind(str, Enum):
+    CREATE_LAYERS = "create_layers"
+    REMOVE_FILES = "remove_files"
+    MERGE = "merge"
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    kind: WorkKind
+    seq: int  # aggregate version that asked for it: items run in this order
+    node_id: UUID | None = None
+    paths: tuple[str, ...] = ()
+
+
+def pending_work(vm: VirtualMachine) -> list[WorkItem]:
+    items: list[WorkItem] = []
+    for node in vm.nodes.values():
+        if not node.ready:
+            items.append(WorkItem(WorkKind.CREATE_LAYERS, node.scheduled_at, node.id))
+        if node.kind is NodeKind.HIDDEN and node.merge_state in (MergeState.SCHEDULED, MergeState.RUNNING):
+            items.append(WorkItem(WorkKind.MERGE, node.scheduled_at, node.id))
+    by_seq: dict[int, list[str]] = {}
+    for path, seq in vm.garbage.items():
+        by_seq.setdefault(seq, []).append(path)
+    for seq, paths in by_seq.items():
+        items.append(WorkItem(WorkKind.REMOVE_FILES, seq, paths=tuple(sorted(paths))))
+    # A running merge resumes first: its plan was recorded and commands wait for it.
+    return sorted(items, key=lambda i: (_running_first(vm, i), i.seq, i.kind.value))
+
+
+def _running_first(vm: VirtualMachine, item: WorkItem) -> int:
+    if item.kind is WorkKind.MERGE and item.node_id is not None:
+        if vm.nodes[item.node_id].merge_state is MergeState.RUNNING:
+            return 0
+    return 1
+
+
+def is_idle(vm: VirtualMachine) -> bool:
+    return not pending_work(vm)

@@ -1,0 +1,147 @@
+"""Performs one work item of a stopped VM on real qcow2 files and reports the result back.
+
+Every step looks at the disk before it acts, so an item run twice, or run again after a crash
+half way, ends in the same files:
+- overlay creation is atomic (temp file + rename) and a no-op when the right overlay exists;
+- a merge first records its plan (direction, bytes) as an event; re-running it repeats only
+  idempotent steps (a commit writes the same data again, a rebase that is done is skipped);
+- a file is deleted only after the event that stops every node using it has been recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+from uuid import UUID
+
+from adapters.qemu import qemu_img
+from adapters.storage import DataDir
+from domain.application import Snaptree
+from domain.tree import MergeDirection, MergeState, Node, children
+from domain.vm import VirtualMachine
+from domain.work import WorkItem, WorkKind
+
+log = logging.getLogger(__name__)
+
+# (VM name, what is happening, fraction done) — for progress bars and logs.
+Progress = Callable[[str, str, float], None]
+
+
+def _quiet(vm: str, what: str, fraction: float) -> None:
+    pass
+
+
+class DiskEffects:
+    """The side effects of the tree rules for VMs whose QEMU is not running."""
+
+    def __init__(self, app: Snaptree, data: DataDir, progress: Progress = _quiet) -> None:
+        self.app = app
+        self.data = data
+        self.progress = progress
+
+    def perform(self, vm: VirtualMachine, item: WorkItem) -> None:
+        if item.kind is WorkKind.CREATE_LAYERS:
+            assert item.node_id is not None
+            self.create_layers(vm, vm.nodes[item.node_id])
+        elif item.kind is WorkKind.REMOVE_FILES:
+            self.remove_files(vm, list(item.paths))
+        elif item.kind is WorkKind.MERGE:
+            assert item.node_id is not None
+            self.merge(vm, vm.nodes[item.node_id])
+
+    # --- overlays ---
+
+    def create_layers(self, vm: VirtualMachine, node: Node) -> None:
+        assert node.parent is not None, "the root's layers are the VM's own disks"
+        parent = vm.nodes[node.parent]
+        for disk, path in node.layers.items():
+            self.data.check_owned(path)
+            qemu_img.create_overlay(path, parent.layers[disk])
+        self.app.layers_created(vm.name, node.id)
+
+    # --- file removal ---
+
+    def remove_files(self, vm: VirtualMachine, paths: list[str]) -> None:
+        in_use = {p for n in vm.nodes.values() for p in n.layers.values()}
+        for path in paths:
+            if path in in_use or vm.is_own_disk(path):
+                # Never happens by the rules; refusing keeps a bug from destroying data.
+                raise RuntimeError(f"refusing to delete {path}: a node of VM {vm.name} still uses it")
+            self.data.check_owned(path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.app.files_removed(vm.name, paths)
+
+    # --- merges ---
+
+    def merge(self, vm: VirtualMachine, node: Node) -> None:
+        try:
+            if node.merge_state is MergeState.SCHEDULED:
+                self._record_plan(vm, node)
+                vm = self.app.get_vm(vm.name)
+                node = vm.nodes[node.id]
+            self._execute_plan(vm, node)
+        except qemu_img.QemuImgError as exc:
+            log.error("merge of node %s of VM %s failed: %s", node.id, vm.name, exc)
+            self.app.merge_failed(vm.name, node.id, str(exc))
+            return
+        self.app.merge_completed(vm.name, node.id)
+
+    def plan(self, vm: VirtualMachine, node: Node) -> tuple[list[UUID], MergeDirection, int]:
+        """Which way moves fewer bytes; the VM's own disk always takes the data (DESIGN §1)."""
+        deps = children(vm.nodes, node.id)
+        held = sum(qemu_img.allocated_bytes(p) for p in node.layers.values())
+        if node.merge_forced and len(deps) > 1:
+            return [d.id for d in deps], MergeDirection.PULL_UP, held * len(deps)
+        (dep,) = deps
+        dep_bytes = sum(qemu_img.allocated_bytes(p) for p in dep.layers.values())
+        if node.parent is None or dep_bytes <= held:
+            return [dep.id], MergeDirection.COMMIT_DOWN, dep_bytes
+        return [dep.id], MergeDirection.PULL_UP, held
+
+    def _record_plan(self, vm: VirtualMachine, node: Node) -> None:
+        into, direction, nbytes = self.plan(vm, node)
+        self.app.merge_started(vm.name, node.id, into, direction, nbytes)
+
+    def _execute_plan(self, vm: VirtualMachine, node: Node) -> None:
+        plan = node.merge_plan
+        assert plan is not None
+        what = f"merge {node.name or node.id} ({plan.direction.value})"
+        disks = list(node.layers)
+        for i, disk in enumerate(disks):
+
+            def step(fraction: float, i: int = i) -> None:
+                self.progress(vm.name, what, (i + fraction) / len(disks))
+
+            if plan.direction is MergeDirection.COMMIT_DOWN:
+                self._commit_down(vm, node, vm.nodes[plan.into[0]], disk, step)
+            else:
+                for dep_id in plan.into:
+                    self._pull_up(vm, node, vm.nodes[dep_id], disk, step)
+        self.progress(vm.name, what, 1.0)
+
+    def _commit_down(
+        self, vm: VirtualMachine, node: Node, dep: Node, disk: str, step: Callable[[float], None]
+    ) -> None:
+        target, top = node.layers[disk], dep.layers[disk]
+        if qemu_img.backing_file(top) != target:
+            raise qemu_img.QemuImgError(["check"], 1, f"{top} is not backed by {target}", what="merge check")
+        # Writing the same data again is harmless, so a crash anywhere here just re-runs it.
+        qemu_img.commit(top, progress=step)
+        for child in children(vm.nodes, dep.id):
+            path = child.layers[disk]
+            if child.ready and qemu_img.backing_file(path) != target:
+                qemu_img.rebase_unsafe(path, target)  # same data below: metadata only
+
+    def _pull_up(
+        self, vm: VirtualMachine, node: Node, dep: Node, disk: str, step: Callable[[float], None]
+    ) -> None:
+        assert node.parent is not None, "the VM's own disk is never pulled up"
+        grandparent = vm.nodes[node.parent].layers[disk]
+        path = dep.layers[disk]
+        if qemu_img.backing_file(path) == grandparent:
+            return  # done before a crash
+        qemu_img.rebase_safe(path, grandparent, progress=step)
