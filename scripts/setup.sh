@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Prepares a fresh Debian machine: QEMU tools, the servers the tests use, a venv with the project.
+# Idempotent: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v qemu-img >/dev/null || need_apt+=(qemu-utils)
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+if [ "${SNAPTREE_SETUP_SERVERS:-0}" = 1 ]; then
+  command -v redis-server >/dev/null || need_apt+=(redis-server)
+  command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
+fi
+# The test guest is a 32-bit multiboot ELF built with gcc -m32.
+if [ "${SNAPTREE_SETUP_GUEST:-0}" = 1 ] && ! echo 'int main(){return 0;}' | gcc -m32 -x c -c -o /dev/null - 2>/dev/null; then
+  need_apt+=(gcc-multilib)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "snaptree setup: missing Debian packages: ${need_apt[*]}" >&2
+    echo "snaptree setup: not root, cannot install them; run: sudo apt-get install ${need_apt[*]}" >&2
+    exit 1
+  fi
+  echo "snaptree setup: installing ${need_apt[*]} with apt-get" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.snaptree-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
