@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from typing import Any, Callable
 
@@ -107,10 +108,15 @@ def held(path: str) -> int:
 @click.group()
 @click.option("--home", envvar="SNAPTREE_HOME", help="Data directory (default: per-user data dir).")
 @click.option("--host", envvar="SNAPTREE_HOST", help="This host's name (default: hostname).")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the worker does on stderr.")
 @click.version_option(package_name="snaptree")
 @click.pass_context
-def main(click_ctx: click.Context, home: str | None, host: str | None) -> None:
+def main(click_ctx: click.Context, home: str | None, host: str | None, verbose: bool) -> None:
     """Live snapshot trees for QEMU VMs, with Hyper-V checkpoint semantics."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="snaptree: %(message)s")
+    else:
+        logging.getLogger().addHandler(logging.NullHandler())  # errors reach the user once
     click_ctx.obj = Ctx(home, host)
 
 

@@ -14,22 +14,35 @@ from adapters.storage import DataDir
 from domain.application import Snaptree
 
 TRANSCODER = "adapters.transcoder:MsgpackTranscoder"
+SQLITE_FACTORY = "adapters.sqlite_store:Factory"
 
 
 def store_env(data: DataDir, environ: dict[str, str] | None = None) -> dict[str, str]:
     environ = dict(os.environ if environ is None else environ)
     env = {"TRANSCODER_TOPIC": TRANSCODER}
     module = environ.get("PERSISTENCE_MODULE", "")
-    if not module or module == "eventsourcing.sqlite":
-        env["PERSISTENCE_MODULE"] = "eventsourcing.sqlite"
+    if not module or module in ("eventsourcing.sqlite", SQLITE_FACTORY):
+        env["PERSISTENCE_MODULE"] = SQLITE_FACTORY
         env["SQLITE_DBNAME"] = environ.get("SQLITE_DBNAME") or str(data.event_db)
         env.setdefault("SQLITE_LOCK_TIMEOUT", environ.get("SQLITE_LOCK_TIMEOUT", "30"))
+        if "SNAPTREE_SQLITE_SYNCHRONOUS" in environ:
+            env["SNAPTREE_SQLITE_SYNCHRONOUS"] = environ["SNAPTREE_SQLITE_SYNCHRONOUS"]
     return env
 
 
 def open_app(data: DataDir | None = None, environ: dict[str, str] | None = None) -> Snaptree:
     data = data or DataDir.open()
     return Snaptree(layout=data, env=store_env(data, environ))
+
+
+def durable(app: Snaptree) -> None:
+    """A barrier before destructive disk work: every recorded event is on stable storage.
+
+    PostgreSQL commits synchronously already; the embedded SQLite store needs a WAL sync.
+    """
+    barrier = getattr(app.factory, "durable", None)
+    if barrier is not None:
+        barrier()
 
 
 def this_host() -> str:

@@ -24,6 +24,10 @@ from workers.disk_effects import Progress, _quiet
 from workers.runner import Worker
 
 
+class MergeFailedError(RuntimeError):
+    code = "merge_failed"
+
+
 def parse_disks(specs: list[str]) -> dict[str, str]:
     """`PATH` or `NAME=PATH` per disk; unnamed disks are disk0, disk1, ... in order."""
     disks: dict[str, str] = {}
@@ -53,8 +57,18 @@ class Service:
         return Worker(self.app, self.data, self.host, progress)
 
     def wait(self, vm: str, progress: Progress = _quiet) -> int:
-        """Perform the VM's outstanding side effects now (the embedded default)."""
-        return self.worker(progress).drain(vm)
+        """Perform the VM's outstanding side effects now (the embedded default).
+
+        A merge that fails leaves its node hidden and marked failed; the caller hears of it.
+        """
+        worker = self.worker(progress)
+        done = worker.drain(vm)
+        if worker.effects.failures:
+            raise MergeFailedError(
+                "; ".join(worker.effects.failures)
+                + f" (the node stays hidden; retry with `snaptree merge {vm} NODE`)"
+            )
+        return done
 
     def create_vm(
         self,

@@ -20,7 +20,7 @@ EXT_UUID = 1
 EXT_DATETIME = 2
 EXT_ENUM = 3
 EXT_TUPLE = 4
-EXT_DATACLASS = 5
+DATACLASS_KEY = "__dataclass__"
 
 # Only these modules' dataclasses and enums may be rebuilt from stored bytes: a topic is a class
 # path, and decoding must never import whatever a stored message names.
@@ -41,8 +41,10 @@ def _default(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, tuple):
         return msgpack.ExtType(EXT_TUPLE, packb(list(obj)))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        state = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-        return msgpack.ExtType(EXT_DATACLASS, packb([get_topic(type(obj)), state]))
+        # A plain map with a marker key: the packer recurses into it, no nested packb per object.
+        state = {DATACLASS_KEY: get_topic(type(obj))}
+        state.update(obj.__dict__)
+        return state
     if isinstance(obj, (str, int, float, bytes, list, dict)):  # subclasses (strict_types)
         base = next(t for t in (str, int, float, bytes, list, dict) if isinstance(obj, t))
         return base(obj)  # type: ignore[no-any-return]
@@ -56,13 +58,23 @@ def _ext_hook(code: int, data: bytes) -> Any:
         return datetime.fromisoformat(data.decode())
     if code == EXT_TUPLE:
         return tuple(unpackb(data))
-    if code in (EXT_ENUM, EXT_DATACLASS):
+    if code == EXT_ENUM:
         topic, value = unpackb(data)
-        if not _trusted(topic):
-            raise ValueError(f"refusing to decode untrusted type {topic!r}")
-        cls = resolve_topic(topic)
-        return cls(value) if code == EXT_ENUM else cls(**value)
+        return _resolve(topic)(value)
     return msgpack.ExtType(code, data)
+
+
+def _object_hook(obj: dict[Any, Any]) -> Any:
+    topic = obj.pop(DATACLASS_KEY, None)
+    if topic is None:
+        return obj
+    return _resolve(topic)(**obj)
+
+
+def _resolve(topic: str) -> Any:
+    if not _trusted(topic):
+        raise ValueError(f"refusing to decode untrusted type {topic!r}")
+    return resolve_topic(topic)
 
 
 def packb(obj: Any) -> bytes:
@@ -70,7 +82,9 @@ def packb(obj: Any) -> bytes:
 
 
 def unpackb(data: bytes) -> Any:
-    return msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False, raw=False)
+    return msgpack.unpackb(
+        data, ext_hook=_ext_hook, object_hook=_object_hook, strict_map_key=False, raw=False
+    )
 
 
 class MsgpackTranscoder(Transcoder):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from enum import Enum
 from uuid import UUID
 
-from domain.tree import MergeState, Node, NodeKind, children
+from domain.tree import MergeState, Node, NodeKind, dependents_count
 
 
 class Outcome(str, Enum):
@@ -38,14 +38,21 @@ def next_follow_up(nodes: dict[UUID, Node]) -> tuple[Node, Outcome] | None:
     """The first hidden node whose state no longer matches its dependents, and what it needs.
 
     A merge the worker has started (RUNNING) is left alone: commands that could change its
-    dependents are refused while it runs. A forced merge keeps its schedule with 2+ dependents.
+    dependents are refused while it runs. A forced merge keeps its schedule with 2+ dependents;
+    an unforced one that has 2+ dependents again goes back to waiting.
     """
-    for node in sorted(nodes.values(), key=lambda n: n.created_at):
-        if node.kind is not NodeKind.HIDDEN or node.merge_state is MergeState.RUNNING:
+    hidden = [n for n in nodes.values() if n.kind is NodeKind.HIDDEN]
+    if not hidden:
+        return None
+    counts = dependents_count(nodes)
+    for node in sorted(hidden, key=lambda n: n.created_at):
+        if node.merge_state is MergeState.RUNNING:
             continue
-        wanted = outcome_for(len(children(nodes, node.id)))
+        wanted = outcome_for(counts.get(node.id, 0))
         if wanted is Outcome.REMOVE:
             return node, wanted
         if wanted is Outcome.MERGE and node.merge_state in (MergeState.PENDING, None):
             return node, wanted
+        if wanted is Outcome.WAIT and node.merge_state is MergeState.SCHEDULED and not node.merge_forced:
+            return node, wanted  # a forced pull-up below gave it a second dependent again
     return None

@@ -58,7 +58,8 @@ class Node:
     merge_forced: bool = False
     merge_plan: MergePlan | None = None
     merge_error: str | None = None
-    scheduled_at: int = 0  # aggregate version at which this node's outstanding work was scheduled
+    created_seq: int = 0  # aggregate version that asked for this node's layer files
+    merge_seq: int = 0  # aggregate version that scheduled this node's merge
 
     @property
     def visible(self) -> bool:
@@ -68,6 +69,15 @@ class Node:
 def children(nodes: dict[UUID, Node], node_id: UUID) -> list[Node]:
     """Dependents of a node: every node whose layers use this node's layers as backing."""
     return [n for n in nodes.values() if n.parent == node_id]
+
+
+def dependents_count(nodes: dict[UUID, Node]) -> dict[UUID, int]:
+    """How many dependents each node has, in one pass over the tree."""
+    counts: dict[UUID, int] = {}
+    for n in nodes.values():
+        if n.parent is not None:
+            counts[n.parent] = counts.get(n.parent, 0) + 1
+    return counts
 
 
 def ancestors(nodes: dict[UUID, Node], node_id: UUID) -> Iterator[Node]:

@@ -28,7 +28,6 @@ from domain.tree import (
     ancestors,
     children,
     descendants,
-    find_by_name,
 )
 
 # VM ids derive from names, so a name finds its aggregate without an index and a second
@@ -64,6 +63,8 @@ class VirtualMachine(Aggregate):
             frozen = vm.nodes[self.snapshot_id]
             frozen.kind = NodeKind.SNAPSHOT
             frozen.name = self.name
+            frozen.created_at = self.timestamp  # a snapshot is born when it is taken
+            vm.names[self.name] = self.snapshot_id
             frozen.config = dict(frozen.config)
             vm.nodes[self.new_current_id] = Node(
                 id=self.new_current_id,
@@ -74,7 +75,7 @@ class VirtualMachine(Aggregate):
                 layers=dict(self.layers),
                 ready=False,
                 config=dict(frozen.config),
-                scheduled_at=self.originator_version,
+                created_seq=self.originator_version,
             )
             vm.current = self.new_current_id
 
@@ -98,7 +99,7 @@ class VirtualMachine(Aggregate):
                 layers=dict(self.layers),
                 ready=False,
                 config=dict(snap.config),
-                scheduled_at=self.originator_version,
+                created_seq=self.originator_version,
             )
             vm.current = self.new_current_id
 
@@ -120,6 +121,7 @@ class VirtualMachine(Aggregate):
 
         def apply(self, vm: VirtualMachine) -> None:
             node = vm.nodes[self.node_id]
+            vm.names.pop(self.name, None)
             node.kind = NodeKind.HIDDEN
             node.config = {}
             node.memory = None
@@ -135,6 +137,8 @@ class VirtualMachine(Aggregate):
 
         def apply(self, vm: VirtualMachine) -> None:
             vm.nodes[self.node_id].name = self.new_name
+            vm.names.pop(self.old_name, None)
+            vm.names[self.new_name] = self.node_id
 
     class NodeRemoved(Aggregate.Event):
         """A node with no dependents is gone; its files are to be deleted by the worker."""
@@ -157,7 +161,19 @@ class VirtualMachine(Aggregate):
             node.merge_forced = self.forced
             node.merge_error = None
             node.merge_plan = None
-            node.scheduled_at = self.originator_version
+            node.merge_seq = self.originator_version
+
+    class MergeDeferred(Aggregate.Event):
+        """A scheduled (unforced) merge whose node has 2+ dependents again waits (DESIGN §1)."""
+
+        class_version = 1
+        node_id: UUID
+        dependents: int
+
+        def apply(self, vm: VirtualMachine) -> None:
+            node = vm.nodes[self.node_id]
+            node.merge_state = MergeState.PENDING
+            node.merge_seq = 0
 
     class MergeStarted(Aggregate.Event):
         """The worker's plan, recorded before it touches a file."""
@@ -233,6 +249,7 @@ class VirtualMachine(Aggregate):
         }
         self.current: UUID = root_id
         self.garbage: dict[str, int] = {}  # path -> version that made it garbage
+        self.names: dict[str, UUID] = {}  # visible snapshot name -> node id
 
     @staticmethod
     def create_id(name: str, **_: Any) -> UUID:
@@ -266,9 +283,13 @@ class VirtualMachine(Aggregate):
     def node(self, node_id: UUID) -> Node:
         return self.nodes[node_id]
 
+    def snapshot_named(self, name: str) -> Node | None:
+        node_id = self.names.get(name)
+        return self.nodes[node_id] if node_id is not None else None
+
     def resolve_snapshot(self, ref: str) -> Node:
         """A visible snapshot by name, or by id."""
-        found = find_by_name(self.nodes, ref)
+        found = self.snapshot_named(ref)
         if found is None:
             node = self._by_id(ref)
             if node is not None and node.kind is NodeKind.SNAPSHOT:
@@ -281,7 +302,7 @@ class VirtualMachine(Aggregate):
 
     def resolve_node(self, ref: str) -> Node:
         """A node id, a visible snapshot's name, or a hidden node's former name when unique."""
-        node = self._by_id(ref) or find_by_name(self.nodes, ref)
+        node = self._by_id(ref) or self.snapshot_named(ref)
         if node is None:
             hidden = [n for n in self.nodes.values() if n.kind is NodeKind.HIDDEN and n.name == ref]
             if len(hidden) > 1:
@@ -311,7 +332,7 @@ class VirtualMachine(Aggregate):
     def take_snapshot(self, name: str, layer_paths: LayerPaths) -> UUID:
         """Freeze the current state as snapshot `name`; a new overlay becomes the current state."""
         validate_name(name, "snapshot name")
-        if find_by_name(self.nodes, name) is not None:
+        if self.snapshot_named(name) is not None:
             raise NameTaken(f"VM {self.name!r} already has a snapshot named {name!r}")
         frozen = self.current
         new_id = uuid.uuid4()
@@ -373,7 +394,7 @@ class VirtualMachine(Aggregate):
     def rename_snapshot(self, ref: str, new_name: str) -> None:
         snap = self.resolve_snapshot(ref)
         validate_name(new_name, "snapshot name")
-        other = find_by_name(self.nodes, new_name)
+        other = self.snapshot_named(new_name)
         if other is not None and other.id != snap.id:
             raise NameTaken(f"VM {self.name!r} already has a snapshot named {new_name!r}")
         if snap.name == new_name:
@@ -403,6 +424,13 @@ class VirtualMachine(Aggregate):
             )
         if node.merge_state is MergeState.SCHEDULED and node.merge_forced == (dependents >= 2):
             return node.id
+        for above in ancestors(self.nodes, node.id):
+            if above.merge_state in (MergeState.SCHEDULED, MergeState.RUNNING):
+                # Its merge re-parents or re-files this node (it may even hand it the VM's own
+                # disk): decide once it is done.
+                raise Conflict(
+                    f"the merge of node {above.id} above {ref!r} is pending; try again when the worker is idle"
+                )
         self.trigger_event(self.MergeScheduled, node_id=node.id, forced=dependents >= 2)
         return node.id
 
@@ -417,6 +445,9 @@ class VirtualMachine(Aggregate):
         node = self.nodes.get(node_id)
         if node is None or node.merge_state is not MergeState.SCHEDULED:
             raise Conflict(f"node {node_id} has no merge waiting to start")
+        running = self.running_merge()
+        if running is not None:
+            raise Conflict(f"the merge of node {running.id} is still running; one merge at a time")
         deps = sorted(c.id for c in children(self.nodes, node_id))
         if sorted(into) != deps:
             raise Conflict(f"merge of {node_id}: dependents are {deps}, not {sorted(into)}")
@@ -472,8 +503,11 @@ class VirtualMachine(Aggregate):
             node, outcome = found
             if outcome is Outcome.REMOVE:
                 self.trigger_event(self.NodeRemoved, node_id=node.id, reason="no dependents")
-            else:
+            elif outcome is Outcome.MERGE:
                 self.trigger_event(self.MergeScheduled, node_id=node.id, forced=False)
+            else:
+                deps = len(children(self.nodes, node.id))
+                self.trigger_event(self.MergeDeferred, node_id=node.id, dependents=deps)
 
     def _remove_node(self, node_id: UUID, version: int) -> None:
         node = self.nodes.pop(node_id)

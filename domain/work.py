@@ -32,9 +32,9 @@ def pending_work(vm: VirtualMachine) -> list[WorkItem]:
     items: list[WorkItem] = []
     for node in vm.nodes.values():
         if not node.ready:
-            items.append(WorkItem(WorkKind.CREATE_LAYERS, node.scheduled_at, node.id))
+            items.append(WorkItem(WorkKind.CREATE_LAYERS, node.created_seq, node.id))
         if node.kind is NodeKind.HIDDEN and node.merge_state in (MergeState.SCHEDULED, MergeState.RUNNING):
-            items.append(WorkItem(WorkKind.MERGE, node.scheduled_at, node.id))
+            items.append(WorkItem(WorkKind.MERGE, node.merge_seq, node.id))
     by_seq: dict[int, list[str]] = {}
     for path, seq in vm.garbage.items():
         by_seq.setdefault(seq, []).append(path)

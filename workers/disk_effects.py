@@ -15,6 +15,7 @@ import os
 from typing import Callable
 from uuid import UUID
 
+from adapters.config import durable
 from adapters.qemu import qemu_img
 from adapters.storage import DataDir
 from domain.application import Snaptree
@@ -39,6 +40,11 @@ class DiskEffects:
         self.app = app
         self.data = data
         self.progress = progress
+        self.failures: list[str] = []  # merges that failed during this object's life
+
+    def durable(self) -> None:
+        """Before a destructive step: the events that justify it must survive a power cut."""
+        durable(self.app)
 
     def perform(self, vm: VirtualMachine, item: WorkItem) -> None:
         if item.kind is WorkKind.CREATE_LAYERS:
@@ -64,6 +70,7 @@ class DiskEffects:
 
     def remove_files(self, vm: VirtualMachine, paths: list[str]) -> None:
         in_use = {p for n in vm.nodes.values() for p in n.layers.values()}
+        self.durable()
         for path in paths:
             if path in in_use or vm.is_own_disk(path):
                 # Never happens by the rules; refusing keeps a bug from destroying data.
@@ -83,10 +90,12 @@ class DiskEffects:
                 self._record_plan(vm, node)
                 vm = self.app.get_vm(vm.name)
                 node = vm.nodes[node.id]
+            self.durable()
             self._execute_plan(vm, node)
         except qemu_img.QemuImgError as exc:
             log.error("merge of node %s of VM %s failed: %s", node.id, vm.name, exc)
             self.app.merge_failed(vm.name, node.id, str(exc))
+            self.failures.append(f"merge of node {node.name or node.id} failed: {exc}")
             return
         self.app.merge_completed(vm.name, node.id)
 
