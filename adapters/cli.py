@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.tree import Tree
 
 from adapters.qemu import qemu_img
-from adapters.service import Service
+from adapters.service import MergeFailedError, Service
 from domain.errors import Refused, SnaptreeError
 from domain.tree import NodeKind
 from domain.vm import VirtualMachine
@@ -105,7 +105,22 @@ def held(path: str) -> int:
         return 0
 
 
-@click.group()
+class SnaptreeGroup(click.Group):
+    """Click's own usage errors follow the same contract: one line, exit 2, JSON on request."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            fail(1, "aborted", "aborted", False)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            fail(2, "usage", " ".join(exc.format_message().split()), "--json" in sys.argv[1:])
+
+
+@click.group(cls=SnaptreeGroup)
 @click.option("--home", envvar="SNAPTREE_HOME", help="Data directory (default: per-user data dir).")
 @click.option("--host", envvar="SNAPTREE_HOST", help="This host's name (default: hostname).")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the worker does on stderr.")
@@ -323,6 +338,8 @@ def worker_run(ctx: Ctx, until_idle: bool, as_json: bool) -> None:
     """Follow the event log and perform overlay creation, merges and file removal."""
     w = ctx.service.worker()
     w.run(until_idle=until_idle)
+    if w.effects.failures:
+        raise MergeFailedError("; ".join(w.effects.failures))
     emit({"position": w.position}, as_json, f"worker idle at notification {w.position}")
 
 

@@ -38,7 +38,8 @@ def parse_disks(specs: list[str]) -> dict[str, str]:
         validate_name(name, "disk name")
         if name in disks:
             raise Refused(f"disk name {name!r} given twice")
-        disks[name] = os.path.abspath(path)
+        # The real path: a symlink or a second spelling must not make one file two disks.
+        disks[name] = os.path.realpath(path)
     return disks
 
 
@@ -90,6 +91,9 @@ class Service:
                 raise InvalidDisk(f"disk {disk}: {path} is not a qcow2 image")
             if self.data.owns(path) and not copy:
                 raise InvalidDisk(f"disk {disk}: {path} lies inside the data directory; pass --copy")
+            owner = self._disk_owner(path)
+            if owner is not None and not copy:
+                raise InvalidDisk(f"disk {disk}: {path} already is a layer of VM {owner!r}")
         if name in self._existing_names():
             raise VMExists(f"a VM named {name!r} already exists")
         copies: list[Path] = []
@@ -102,6 +106,15 @@ class Service:
                 c.unlink(missing_ok=True)
             raise
         return self.app.get_vm(name)
+
+    def _disk_owner(self, path: str) -> str | None:
+        """The VM whose tree already uses this file (two VMs writing one file would corrupt it)."""
+        real = os.path.realpath(path)
+        for other in self.app.vm_names():
+            for node in self.app.get_vm(other).nodes.values():
+                if any(os.path.realpath(p) == real for p in node.layers.values()):
+                    return other
+        return None
 
     def _existing_names(self) -> set[str]:
         return set(self.app.vm_names())
