@@ -343,5 +343,18 @@ def worker_run(ctx: Ctx, until_idle: bool, as_json: bool) -> None:
     emit({"position": w.position}, as_json, f"worker idle at notification {w.position}")
 
 
+# Command groups that live in their own modules; each has `register(main: click.Group)`.
+EXTENSIONS: tuple[str, ...] = ()
+
+
+def _register_extensions() -> None:
+    import importlib
+
+    for module in EXTENSIONS:
+        importlib.import_module(module).register(main)
+
+
+_register_extensions()
+
 if __name__ == "__main__":
     main()

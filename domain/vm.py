@@ -218,6 +218,25 @@ class VirtualMachine(Aggregate):
             node.merge_state = MergeState.FAILED
             node.merge_error = self.error
 
+    class Imported(Aggregate.Event):
+        """The whole tree of a VM exported elsewhere, with paths relocated to this data directory.
+
+        Follows `Registered` in the same save; `source` references the original history (its VM id,
+        name, version and the digest of its exported events) so audits can follow the VM across hosts.
+        """
+
+        class_version = 1
+        nodes: list[Node]
+        current: UUID
+        source: dict[str, Any]
+
+        def apply(self, vm: VirtualMachine) -> None:
+            vm.nodes = {n.id: n for n in self.nodes}
+            vm.current = self.current
+            vm.names = {n.name: n.id for n in self.nodes if n.kind is NodeKind.SNAPSHOT and n.name}
+            vm.garbage = {}
+            vm.imported_from = dict(self.source)
+
     class FilesRemoved(Aggregate.Event):
         class_version = 1
         paths: list[str]
@@ -250,6 +269,7 @@ class VirtualMachine(Aggregate):
         self.current: UUID = root_id
         self.garbage: dict[str, int] = {}  # path -> version that made it garbage
         self.names: dict[str, UUID] = {}  # visible snapshot name -> node id
+        self.imported_from: dict[str, Any] | None = None
 
     @staticmethod
     def create_id(name: str, **_: Any) -> UUID:
@@ -435,6 +455,20 @@ class VirtualMachine(Aggregate):
         return node.id
 
     # --- results of side effects, reported by workers ---
+
+    def record_import(self, nodes: list[Node], current: UUID, source: dict[str, Any]) -> None:
+        """Replace a just-registered VM's tree by an imported one (see `Imported`)."""
+        if self.version != 1:
+            raise Conflict(f"VM {self.name!r} already has a history; import into a new name")
+        ids = {n.id for n in nodes}
+        if current not in ids or any(n.parent is not None and n.parent not in ids for n in nodes):
+            raise Refused("the imported tree is inconsistent: a parent or the current state is missing")
+        if sum(1 for n in nodes if n.parent is None) != 1:
+            raise Refused("the imported tree must have exactly one root")
+        root = next(n for n in nodes if n.parent is None)
+        if root.layers != self.disks:
+            raise Refused("the imported root's layers must be the VM's own disks")
+        self.trigger_event(self.Imported, nodes=nodes, current=current, source=dict(source))
 
     def layers_created(self, node_id: UUID) -> None:
         node = self.nodes.get(node_id)
