@@ -21,7 +21,7 @@ from adapters.service import MergeFailedError, Service
 from domain.errors import Refused, SnaptreeError
 from domain.tree import NodeKind
 from domain.vm import VirtualMachine
-from projections.tree_view import children_map, merges_json, tree_json
+from projections.tree_view import children_map, memory_json, merges_json, tree_json
 
 err_console = Console(stderr=True)
 
@@ -151,12 +151,16 @@ def vm() -> None:
 @click.option("--vm-host", "vm_host", help="Host that runs this VM (default: this host).")
 @click.option("--memory", type=click.IntRange(16), default=256, show_default=True, help="MiB.")
 @click.option("--cpus", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False, resolve_path=True),
+              help="Boot this kernel (e.g. a multiboot ELF) instead of the firmware's boot order.")
 @command
 def vm_create(ctx: Ctx, name: str, disks: tuple[str, ...], copy: bool, vm_host: str | None,
-              memory: int, cpus: int, as_json: bool) -> None:
+              memory: int, cpus: int, kernel: str | None, as_json: bool) -> None:
     """Register VM NAME with its own disk files."""
-    agg = ctx.service.create_vm(name, list(disks), copy=copy, host=vm_host,
-                                config={"memory_mib": memory, "cpus": cpus})
+    config: dict[str, Any] = {"memory_mib": memory, "cpus": cpus}
+    if kernel:
+        config["kernel"] = kernel
+    agg = ctx.service.create_vm(name, list(disks), copy=copy, host=vm_host, config=config)
     emit({"vm": agg.name, "id": str(agg.id), "current": str(agg.current), "disks": agg.disks},
          as_json, f"created VM {agg.name} with disks " + ", ".join(f"{d}={p}" for d, p in agg.disks.items()))
 
@@ -177,6 +181,52 @@ def vm_list(ctx: Ctx, as_json: bool) -> None:
     ) or "no VMs")
 
 
+@vm.command("start")
+@click.argument("vm_name", metavar="VM")
+@click.option("--paused", is_flag=True, help="Start with the vCPUs stopped.")
+@command
+def vm_start(ctx: Ctx, vm_name: str, paused: bool, as_json: bool) -> None:
+    """Start VM's QEMU on its current state."""
+    st = ctx.service.start_vm(vm_name, paused=paused)
+    emit(st, as_json, f"VM {vm_name} {st['state']} (pid {st['pid']})")
+
+
+@vm.command("stop")
+@click.argument("vm_name", metavar="VM")
+@command
+def vm_stop(ctx: Ctx, vm_name: str, as_json: bool) -> None:
+    """Stop VM's QEMU (after any memory save in flight has ended)."""
+    st = ctx.service.stop_vm(vm_name)
+    emit(st, as_json, f"VM {vm_name} {st['state']}")
+
+
+@vm.command("status")
+@click.argument("vm_name", metavar="VM")
+@command
+def vm_status(ctx: Ctx, vm_name: str, as_json: bool) -> None:
+    """Whether VM runs, and where."""
+    st = ctx.service.status(vm_name)
+    emit(st, as_json, f"{st['vm']}\t{st['state']}\tpid={st['pid']}\thost={st['host']}")
+
+
+@vm.command("set")
+@click.argument("vm_name", metavar="VM")
+@click.option("--memory", type=click.IntRange(16), help="MiB.")
+@click.option("--cpus", type=click.IntRange(1, 64))
+@command
+def vm_set(ctx: Ctx, vm_name: str, memory: int | None, cpus: int | None, as_json: bool) -> None:
+    """Change the current state's settings (snapshots keep their copies; applies at next start)."""
+    changes: dict[str, Any] = {}
+    if memory is not None:
+        changes["memory_mib"] = memory
+    if cpus is not None:
+        changes["cpus"] = cpus
+    ctx.service.app.set_config(vm_name, changes)
+    agg = ctx.service.app.get_vm(vm_name)
+    cfg = agg.nodes[agg.current].config
+    emit({"vm": vm_name, "config": cfg}, as_json, f"VM {vm_name}: {cfg}")
+
+
 # --- snapshot ---
 
 
@@ -188,23 +238,36 @@ def snapshot() -> None:
 @snapshot.command("take")
 @click.argument("vm_name", metavar="VM")
 @click.argument("name")
+@click.option("--no-memory", is_flag=True, help="Of a running VM: disks only, no memory save.")
 @wait_option
 @command
-def snapshot_take(ctx: Ctx, vm_name: str, name: str, no_wait: bool, as_json: bool) -> None:
-    """Take snapshot NAME of VM."""
-    node = ctx.service.app.take(vm_name, name)
+def snapshot_take(ctx: Ctx, vm_name: str, name: str, no_memory: bool, no_wait: bool,
+                  as_json: bool) -> None:
+    """Take snapshot NAME of VM (of a running VM: live, memory saved while it runs)."""
+    node = ctx.service.take(vm_name, name, memory=not no_memory)
     settle(ctx, vm_name, no_wait, as_json)
-    emit({"vm": vm_name, "snapshot": str(node), "name": name}, as_json, f"took snapshot {name} ({node})")
+    snap = ctx.service.app.get_vm(vm_name).nodes[node]
+    mem = snap.memory or {}
+    detail = ""
+    if mem.get("pause_ms") is not None:
+        detail = f"; guest paused {mem['pause_ms']:.1f} ms"
+    if mem.get("state") in ("saved", "saving"):
+        detail += f"; memory {mem['state']}" + (f" ({mem.get('bytes')} bytes)" if mem.get("bytes") else "")
+    emit({"vm": vm_name, "snapshot": str(node), "name": name, "memory": memory_json(snap)}, as_json,
+         f"took snapshot {name} ({node}){detail}")
 
 
 @snapshot.command("apply")
 @click.argument("vm_name", metavar="VM")
 @click.argument("snap", metavar="SNAPSHOT")
+@click.option("--paused", is_flag=True, help="A snapshot with saved memory comes back paused.")
 @wait_option
 @command
-def snapshot_apply(ctx: Ctx, vm_name: str, snap: str, no_wait: bool, as_json: bool) -> None:
-    """Set VM to start from a copy of SNAPSHOT; the current state is discarded."""
-    current = ctx.service.app.apply(vm_name, snap)
+def snapshot_apply(ctx: Ctx, vm_name: str, snap: str, paused: bool, no_wait: bool, as_json: bool) -> None:
+    """Set VM to start from a copy of SNAPSHOT; the current state is discarded.
+
+    With saved memory the VM comes back running (or --paused) exactly where SNAPSHOT was."""
+    current = ctx.service.apply(vm_name, snap, paused=paused, wait=not no_wait)
     settle(ctx, vm_name, no_wait, as_json)
     emit({"vm": vm_name, "snapshot": snap, "current": str(current)}, as_json,
          f"applied {snap}: new current state {current}")

@@ -12,12 +12,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from adapters.config import open_app, this_host
 from adapters.qemu import qemu_img
+from adapters.runtime import Runtime
 from adapters.storage import DataDir
 from domain.application import Snaptree
-from domain.errors import InvalidDisk, Refused, VMExists
+from domain.errors import Conflict, InvalidDisk, Refused, VMExists
 from domain.names import validate_name
 from domain.vm import VirtualMachine
 from workers.disk_effects import Progress, _quiet
@@ -53,6 +55,39 @@ class Service:
     def open(cls, home: str | None = None, host: str | None = None) -> Service:
         data = DataDir.open(home)
         return cls(data, open_app(data), host or this_host())
+
+    @property
+    def runtime(self) -> Runtime:
+        return Runtime(self.data)
+
+    def take(self, vm: str, name: str, *, memory: bool = True) -> UUID:
+        """A snapshot; of a running VM with its memory unless `memory` is False."""
+        return self.app.take(vm, name, with_memory=memory and self.runtime.is_running(vm))
+
+    def apply(self, vm: str, snapshot: str, *, paused: bool = False, wait: bool = True) -> UUID:
+        """Apply; when waiting, a take still in progress on this VM finishes first."""
+        if wait:
+            self.wait(vm)
+        return self.app.apply(vm, snapshot, paused=paused, wait_for_memory=wait)
+
+    def start_vm(self, vm: str, *, paused: bool = False) -> dict[str, Any]:
+        self.wait(vm)  # overlays the current state needs must exist first
+        agg = self.app.get_vm(vm)
+        if self.runtime.is_running(vm):
+            raise Conflict(f"VM {vm!r} is already running (pid {self.runtime.pid(vm)})")
+        if agg.host != self.host:
+            raise Refused(f"VM {vm!r} belongs to host {agg.host!r}, not {self.host!r}")
+        self.runtime.start(agg, paused=paused)
+        return self.runtime.status(agg)
+
+    def stop_vm(self, vm: str) -> dict[str, Any]:
+        self.wait(vm)  # a memory save in flight ends first
+        agg = self.app.get_vm(vm)
+        self.runtime.stop(agg)
+        return self.runtime.status(agg)
+
+    def status(self, vm: str) -> dict[str, Any]:
+        return self.runtime.status(self.app.get_vm(vm))
 
     def worker(self, progress: Progress = _quiet) -> Worker:
         return Worker(self.app, self.data, self.host, progress)

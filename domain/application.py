@@ -85,11 +85,25 @@ class Snaptree(Application[UUID]):
             raise VMExists(f"a VM named {name!r} already exists") from None
         return vm.id
 
-    def take(self, vm: str, name: str) -> UUID:
-        return self._command(vm, lambda agg: agg.take_snapshot(name, self._paths(agg)))
+    def take(self, vm: str, name: str, *, with_memory: bool = False) -> UUID:
+        """`with_memory`: the VM is running and its memory is to be saved with the snapshot."""
 
-    def apply(self, vm: str, snapshot: str) -> UUID:
-        return self._command(vm, lambda agg: agg.apply_snapshot(snapshot, self._paths(agg)))
+        def decide(agg: VirtualMachine) -> UUID:
+            memory = self.layout.state_path(agg.name, agg.current) if with_memory else None
+            return agg.take_snapshot(name, self._paths(agg), memory)
+
+        return self._command(vm, decide)
+
+    def apply(self, vm: str, snapshot: str, *, paused: bool = False, wait_for_memory: bool = True) -> UUID:
+        return self._command(
+            vm,
+            lambda agg: agg.apply_snapshot(
+                snapshot, self._paths(agg), paused=paused, wait_for_memory=wait_for_memory
+            ),
+        )
+
+    def set_config(self, vm: str, changes: dict[str, Any]) -> None:
+        self._command(vm, lambda agg: agg.set_config(changes))
 
     def revert(self, vm: str) -> UUID:
         return self._command(vm, lambda agg: agg.revert(self._paths(agg)))
@@ -105,8 +119,14 @@ class Snaptree(Application[UUID]):
 
     # --- results reported by workers ---
 
-    def layers_created(self, vm: str, node_id: UUID) -> None:
-        self._command(vm, lambda agg: agg.layers_created(node_id))
+    def layers_created(self, vm: str, node_id: UUID, live: dict[str, Any] | None = None) -> None:
+        self._command(vm, lambda agg: agg.layers_created(node_id, live))
+
+    def memory_saved(self, vm: str, node_id: UUID, nbytes: int, seconds: float, sha256: str) -> None:
+        self._command(vm, lambda agg: agg.memory_saved(node_id, nbytes, seconds, sha256))
+
+    def memory_save_failed(self, vm: str, node_id: UUID, error: str) -> None:
+        self._command(vm, lambda agg: agg.memory_save_failed(node_id, error))
 
     def merge_started(
         self, vm: str, node_id: UUID, into: list[UUID], direction: MergeDirection, nbytes: int
@@ -121,6 +141,7 @@ class Snaptree(Application[UUID]):
 
     def files_removed(self, vm: str, paths: list[str]) -> None:
         self._command(vm, lambda agg: agg.files_removed(paths))
+
 
     # --- internals ---
 

@@ -60,6 +60,7 @@ class Node:
     merge_error: str | None = None
     created_seq: int = 0  # aggregate version that asked for this node's layer files
     merge_seq: int = 0  # aggregate version that scheduled this node's merge
+    memory_seq: int = 0  # aggregate version that asked for this node's memory to be saved
 
     @property
     def visible(self) -> bool:

@@ -58,9 +58,13 @@ class VirtualMachine(Aggregate):
         name: str
         new_current_id: UUID
         layers: dict[str, str]  # the new current state's overlays
+        memory_path: str | None  # where the running VM's memory is saved; None: disks only
 
         def apply(self, vm: VirtualMachine) -> None:
             frozen = vm.nodes[self.snapshot_id]
+            if self.memory_path is not None:
+                frozen.memory = {"state": "saving", "path": self.memory_path, "started": False}
+                frozen.memory_seq = self.originator_version
             frozen.kind = NodeKind.SNAPSHOT
             frozen.name = self.name
             frozen.created_at = self.timestamp  # a snapshot is born when it is taken
@@ -86,6 +90,7 @@ class VirtualMachine(Aggregate):
         new_current_id: UUID
         layers: dict[str, str]
         revert: bool
+        resume: str | None  # "running" | "paused": how a snapshot with saved memory comes back
 
         def apply(self, vm: VirtualMachine) -> None:
             vm._remove_node(self.discarded_id, self.originator_version)
@@ -101,14 +106,69 @@ class VirtualMachine(Aggregate):
                 config=dict(snap.config),
                 created_seq=self.originator_version,
             )
+            # Restored from the snapshot's memory once it is saved (the save may still run).
+            vm.nodes[self.new_current_id].memory = (
+                {"state": "restore", "resume": self.resume} if self.resume else None
+            )
             vm.current = self.new_current_id
 
     class LayersCreated(Aggregate.Event):
+        """The node's overlays exist; for a running VM, its writes switched to them.
+
+        `live` (a running VM only): the guest's pause in ms, measured from QEMU's STOP/RESUME
+        events, and the memory save method that started with it (None for disks only).
+        """
+
         class_version = 1
         node_id: UUID
+        live: dict[str, Any] | None
 
         def apply(self, vm: VirtualMachine) -> None:
-            vm.nodes[self.node_id].ready = True
+            node = vm.nodes[self.node_id]
+            node.ready = True
+            if node.memory and node.memory.get("state") == "restore":
+                node.memory = None  # the restore happened: the current state owns no memory file
+            if self.live is not None and node.parent is not None:
+                frozen = vm.nodes[node.parent]
+                mem = dict(frozen.memory or {"state": "none"})
+                mem["pause_ms"] = self.live.get("pause_ms")
+                if mem.get("state") == "saving":
+                    mem["method"] = self.live.get("method")
+                    mem["started"] = True
+                frozen.memory = mem
+
+    class MemorySaved(Aggregate.Event):
+        class_version = 1
+        node_id: UUID
+        bytes: int
+        seconds: float
+        sha256: str
+
+        def apply(self, vm: VirtualMachine) -> None:
+            node = vm.nodes[self.node_id]
+            node.memory = dict(node.memory or {}, state="saved", bytes=self.bytes,
+                               seconds=self.seconds, sha256=self.sha256)
+
+    class MemorySaveFailed(Aggregate.Event):
+        class_version = 1
+        node_id: UUID
+        error: str
+
+        def apply(self, vm: VirtualMachine) -> None:
+            node = vm.nodes[self.node_id]
+            path = (node.memory or {}).get("path")
+            node.memory = dict(node.memory or {}, state="failed", error=self.error)
+            if path:
+                vm.garbage[str(path)] = self.originator_version
+
+    class ConfigChanged(Aggregate.Event):
+        """The current state's settings (a snapshot's configuration copy never changes)."""
+
+        class_version = 1
+        config: dict[str, Any]
+
+        def apply(self, vm: VirtualMachine) -> None:
+            vm.nodes[vm.current].config = dict(self.config)
 
     class SnapshotDeleted(Aggregate.Event):
         """The snapshot left the visible tree; its layers stay as a hidden node for the rules."""
@@ -349,11 +409,19 @@ class VirtualMachine(Aggregate):
 
     # --- commands ---
 
-    def take_snapshot(self, name: str, layer_paths: LayerPaths) -> UUID:
-        """Freeze the current state as snapshot `name`; a new overlay becomes the current state."""
+    def take_snapshot(
+        self, name: str, layer_paths: LayerPaths, memory_path: str | None = None
+    ) -> UUID:
+        """Freeze the current state as snapshot `name`; a new overlay becomes the current state.
+
+        `memory_path` is given when the VM runs: its memory is saved there while it keeps running.
+        """
         validate_name(name, "snapshot name")
         if self.snapshot_named(name) is not None:
             raise NameTaken(f"VM {self.name!r} already has a snapshot named {name!r}")
+        current = self.nodes[self.current]
+        if current.memory and current.memory.get("state") == "restore":
+            raise Conflict(f"VM {self.name!r} is still being restored; wait for the worker")
         frozen = self.current
         new_id = uuid.uuid4()
         self.trigger_event(
@@ -362,13 +430,37 @@ class VirtualMachine(Aggregate):
             name=name,
             new_current_id=new_id,
             layers=layer_paths(new_id),
+            memory_path=memory_path,
         )
         return frozen
 
-    def apply_snapshot(self, ref: str, layer_paths: LayerPaths, *, revert: bool = False) -> UUID:
-        """Start from a copy of the snapshot: a fresh overlay on it; the old current is discarded."""
+    def apply_snapshot(
+        self,
+        ref: str,
+        layer_paths: LayerPaths,
+        *,
+        revert: bool = False,
+        paused: bool = False,
+        wait_for_memory: bool = True,
+    ) -> UUID:
+        """Start from a copy of the snapshot: a fresh overlay on it; the old current is discarded.
+
+        A snapshot with saved memory comes back running (or paused) exactly where it was; one whose
+        memory is still being saved is applied once the save ends, unless the caller cannot wait.
+        """
         snap = self.resolve_snapshot(ref)
         self._refuse_while_merging("apply a snapshot")
+        for other in self.nodes.values():
+            mem = other.memory or {}
+            if mem.get("state") == "saving" and not mem.get("started"):
+                # Its live switch has not happened yet; the apply would discard the overlay
+                # it switches to, and the snapshot's instant would never be captured.
+                raise Conflict(
+                    f"snapshot {other.name!r} is still being taken; wait for the worker first"
+                )
+        saving = bool(snap.memory and snap.memory.get("state") == "saving")
+        if saving and not wait_for_memory:
+            raise Conflict(f"the memory of snapshot {snap.name!r} is still being saved")
         new_id = uuid.uuid4()
         self.trigger_event(
             self.SnapshotApplied,
@@ -377,6 +469,7 @@ class VirtualMachine(Aggregate):
             new_current_id=new_id,
             layers=layer_paths(new_id),
             revert=revert,
+            resume=("paused" if paused else "running") if (saving or _saved(snap)) else None,
         )
         self._follow_up()
         return new_id
@@ -470,10 +563,31 @@ class VirtualMachine(Aggregate):
             raise Refused("the imported root's layers must be the VM's own disks")
         self.trigger_event(self.Imported, nodes=nodes, current=current, source=dict(source))
 
-    def layers_created(self, node_id: UUID) -> None:
+    def set_config(self, changes: dict[str, Any]) -> None:
+        """Change the current state's settings (memory, cpus); snapshots keep their copies."""
+        if not changes:
+            raise Refused("nothing to change")
+        config = dict(self.nodes[self.current].config)
+        config.update(changes)
+        if config != self.nodes[self.current].config:
+            self.trigger_event(self.ConfigChanged, config=config)
+
+    def layers_created(self, node_id: UUID, live: dict[str, Any] | None = None) -> None:
         node = self.nodes.get(node_id)
         if node is not None and not node.ready:
-            self.trigger_event(self.LayersCreated, node_id=node_id)
+            self.trigger_event(self.LayersCreated, node_id=node_id, live=live)
+
+    def memory_saved(self, node_id: UUID, nbytes: int, seconds: float, sha256: str) -> None:
+        node = self.nodes.get(node_id)
+        if node is not None and node.memory and node.memory.get("state") == "saving":
+            self.trigger_event(
+                self.MemorySaved, node_id=node_id, bytes=nbytes, seconds=seconds, sha256=sha256
+            )
+
+    def memory_save_failed(self, node_id: UUID, error: str) -> None:
+        node = self.nodes.get(node_id)
+        if node is not None and node.memory and node.memory.get("state") == "saving":
+            self.trigger_event(self.MemorySaveFailed, node_id=node_id, error=error)
 
     def merge_started(self, node_id: UUID, into: list[UUID], direction: MergeDirection, nbytes: int) -> None:
         node = self.nodes.get(node_id)
@@ -558,6 +672,10 @@ class VirtualMachine(Aggregate):
                 f"cannot {what} of VM {self.name!r} while the merge of node {running.id} is running;"
                 " wait for the worker (snaptree worker run)"
             )
+
+
+def _saved(node: Node) -> bool:
+    return bool(node.memory and node.memory.get("state") == "saved")
 
 
 def _kind_phrase(node: Node) -> str:

@@ -16,6 +16,7 @@ from domain.vm import VirtualMachine
 
 class WorkKind(str, Enum):
     CREATE_LAYERS = "create_layers"
+    SAVE_MEMORY = "save_memory"  # wait for a running VM's memory save and record it
     REMOVE_FILES = "remove_files"
     MERGE = "merge"
 
@@ -33,6 +34,9 @@ def pending_work(vm: VirtualMachine) -> list[WorkItem]:
     for node in vm.nodes.values():
         if not node.ready:
             items.append(WorkItem(WorkKind.CREATE_LAYERS, node.created_seq, node.id))
+        if node.memory and node.memory.get("state") == "saving":
+            # Its save starts with the switch to the child's overlay (CREATE_LAYERS, same seq).
+            items.append(WorkItem(WorkKind.SAVE_MEMORY, node.memory_seq, node.id))
         if node.kind is NodeKind.HIDDEN and node.merge_state in (MergeState.SCHEDULED, MergeState.RUNNING):
             items.append(WorkItem(WorkKind.MERGE, node.merge_seq, node.id))
     by_seq: dict[int, list[str]] = {}

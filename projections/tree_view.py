@@ -77,8 +77,9 @@ def node_json(vm: VirtualMachine, node: Node, measure: Measure | None = None) ->
 
 def memory_json(node: Node) -> dict[str, Any]:
     mem = node.memory or {}
+    state = mem.get("state", "none")
     return {
-        "state": mem.get("state", "none"),
+        "state": state if state in ("none", "saving", "saved", "failed") else "none",
         "method": mem.get("method"),
         "bytes": mem.get("bytes"),
         "path": mem.get("path"),

@@ -10,18 +10,21 @@ half way, ends in the same files:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from typing import Callable
+from typing import Any, Callable
 from uuid import UUID
 
 from adapters.config import durable
-from adapters.qemu import qemu_img
+from adapters.qemu import live, qemu_img
+from adapters.runtime import Runtime
 from adapters.storage import DataDir
 from domain.application import Snaptree
 from domain.tree import MergeDirection, MergeState, Node, children
 from domain.vm import VirtualMachine
 from domain.work import WorkItem, WorkKind
+from workers import live_effects
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class DiskEffects:
         self.app = app
         self.data = data
         self.progress = progress
+        self.runtime = Runtime(data)
         self.failures: list[str] = []  # merges that failed during this object's life
 
     def durable(self) -> None:
@@ -55,16 +59,58 @@ class DiskEffects:
         elif item.kind is WorkKind.MERGE:
             assert item.node_id is not None
             self.merge(vm, vm.nodes[item.node_id])
+        elif item.kind is WorkKind.SAVE_MEMORY:
+            assert item.node_id is not None
+            self.save_memory(vm, vm.nodes[item.node_id])
 
     # --- overlays ---
 
     def create_layers(self, vm: VirtualMachine, node: Node) -> None:
+        """Create the node's overlays; on a running VM also switch its writes to them (a live
+        take), or, for an applied snapshot, restart QEMU on them (from saved memory if any)."""
         assert node.parent is not None, "the root's layers are the VM's own disks"
         parent = vm.nodes[node.parent]
         for disk, path in node.layers.items():
             self.data.check_owned(path)
             qemu_img.create_overlay(path, parent.layers[disk])
-        self.app.layers_created(vm.name, node.id)
+        live_info: dict[str, Any] | None = None
+        running = self.runtime.is_running(vm.name)
+        mem = node.memory or {}
+        if mem.get("state") == "restore":
+            if running:  # QEMU still runs on the discarded current state
+                asyncio.run(live_effects.stop(self.runtime, vm))
+            snap_mem = parent.memory or {}
+            if snap_mem.get("state") == "saved":
+                live_info = asyncio.run(
+                    live_effects.restore_into(self.runtime, vm, node, mem.get("resume"))
+                )
+        elif running:
+            live_info = asyncio.run(live_effects.switch_to_overlays(self.runtime, vm, node))
+            if live_info is None:  # an apply without saved memory: the VM ends stopped
+                asyncio.run(live_effects.stop(self.runtime, vm))
+        self.app.layers_created(vm.name, node.id, live_info)
+
+    # --- memory ---
+
+    def save_memory(self, vm: VirtualMachine, node: Node) -> None:
+        """Wait for a live snapshot's memory save to end, and record how it ended."""
+        mem = node.memory or {}
+        try:
+            if not mem.get("started"):
+                raise live.LiveError("the save never started (the VM was not running on this snapshot)")
+            if not self.runtime.is_running(vm.name):
+                raise live.LiveError("the VM stopped before its memory was saved")
+
+            def step(fraction: float) -> None:
+                self.progress(vm.name, f"save memory of {node.name}", fraction)
+
+            size, seconds = asyncio.run(live_effects.wait_memory_saved(self.runtime, vm, node, step))
+            digest = live_effects.sha256_file(str(mem["path"]))
+        except live.LiveError as exc:
+            self.app.memory_save_failed(vm.name, node.id, str(exc))
+            self.failures.append(f"memory save of snapshot {node.name} failed: {exc}")
+            return
+        self.app.memory_saved(vm.name, node.id, size, seconds, digest)
 
     # --- file removal ---
 
@@ -76,6 +122,9 @@ class DiskEffects:
                 # Never happens by the rules; refusing keeps a bug from destroying data.
                 raise RuntimeError(f"refusing to delete {path}: a node of VM {vm.name} still uses it")
             self.data.check_owned(path)
+            if path.endswith(".state") and self.runtime.is_running(vm.name):
+                # A snapshot deleted while its memory is being saved: stop QEMU writing first.
+                asyncio.run(live_effects.cancel_memory_save_of(self.runtime, vm, path))
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -125,11 +174,18 @@ class DiskEffects:
             def step(fraction: float, i: int = i) -> None:
                 self.progress(vm.name, what, (i + fraction) / len(disks))
 
-            if plan.direction is MergeDirection.COMMIT_DOWN:
-                self._commit_down(vm, node, vm.nodes[plan.into[0]], disk, step)
-            else:
-                for dep_id in plan.into:
-                    self._pull_up(vm, node, vm.nodes[dep_id], disk, step)
+            running = self.runtime.is_running(vm.name)
+            for dep_id in plan.into:
+                dep = vm.nodes[dep_id]
+                if running and live_effects.in_running_chain(vm, dep):
+                    asyncio.run(live_effects.merge_online(
+                        self.runtime, vm, node, dep, plan.direction, disk, step))
+                    if plan.direction is MergeDirection.COMMIT_DOWN:
+                        self._repoint_children(vm, dep, node.layers[disk], disk)
+                elif plan.direction is MergeDirection.COMMIT_DOWN:
+                    self._commit_down(vm, node, dep, disk, step)
+                else:
+                    self._pull_up(vm, node, dep, disk, step)
         self.progress(vm.name, what, 1.0)
 
     def _commit_down(
@@ -140,6 +196,9 @@ class DiskEffects:
             raise qemu_img.QemuImgError(["check"], 1, f"{top} is not backed by {target}", what="merge check")
         # Writing the same data again is harmless, so a crash anywhere here just re-runs it.
         qemu_img.commit(top, progress=step)
+        self._repoint_children(vm, dep, target, disk)
+
+    def _repoint_children(self, vm: VirtualMachine, dep: Node, target: str, disk: str) -> None:
         for child in children(vm.nodes, dep.id):
             path = child.layers[disk]
             if child.ready and qemu_img.backing_file(path) != target:

@@ -505,3 +505,9 @@ def _pid_from_file(pidfile: Path, socket_path: Path) -> int | None:
     if not any(_opt(socket_path).encode() in arg for arg in cmdline):
         return None
     return pid
+
+
+def running_pid(run_dir: Path | str) -> int | None:
+    """The pid of the QEMU running in run_dir, or None (a stale pidfile does not count)."""
+    run = Path(run_dir)
+    return _pid_from_file(run / PIDFILE_NAME, run / SOCKET_NAME)
