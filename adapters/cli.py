@@ -342,6 +342,12 @@ def render_tree(agg: VirtualMachine, data: dict[str, Any]) -> Tree:
             files = "  ".join(f"{d}: {p}" for d, p in n["disks"].items())
         else:
             head = f"[bold]◆ {n['name']}[/] [dim]{n['id'][:8]} {n['created_at']}[/]"
+            mem = n.get("memory") or {}
+            if mem.get("state") not in (None, "none"):
+                size = f", {mem['bytes'] / 2**20:.0f} MiB" if mem.get("bytes") else ""
+                head += f" [cyan]memory {mem['state']}{size}[/]"
+            if mem.get("pause_ms") is not None:
+                head += f" [dim]paused {mem['pause_ms']:.1f} ms[/]"
             files = "  ".join(f"{d}: {p} (frozen)" for d, p in n["disks"].items())
         if not n["ready"]:
             files += "  [dim](being created)[/]"
@@ -407,7 +413,7 @@ def worker_run(ctx: Ctx, until_idle: bool, as_json: bool) -> None:
 
 
 # Command groups that live in their own modules; each has `register(main: click.Group)`.
-EXTENSIONS: tuple[str, ...] = ()
+EXTENSIONS: tuple[str, ...] = ("adapters.cli_verify", "adapters.cli_bundle")
 
 
 def _register_extensions() -> None:

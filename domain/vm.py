@@ -9,6 +9,7 @@ triggers events; an event's `apply` only moves state. Side effects are described
 
 from __future__ import annotations
 
+import copy
 import uuid
 from datetime import datetime
 from typing import Any, Callable
@@ -291,7 +292,7 @@ class VirtualMachine(Aggregate):
         source: dict[str, Any]
 
         def apply(self, vm: VirtualMachine) -> None:
-            vm.nodes = {n.id: n for n in self.nodes}
+            vm.nodes = {n.id: copy.deepcopy(n) for n in self.nodes}  # the event stays as recorded
             vm.current = self.current
             vm.names = {n.name: n.id for n in self.nodes if n.kind is NodeKind.SNAPSHOT and n.name}
             vm.garbage = {}

@@ -56,11 +56,13 @@ class PatternVM:
         assert not pending_work(vm), "write only into a settled VM"
         pattern = self.next_pattern
         self.next_pattern = self.next_pattern % 250 + 1
-        slot = slot if slot is not None else len(self.slots_used)
+        slot = slot if slot is not None else (max(self.slots_used) + 1 if self.slots_used else 0)
+        covered = range(slot, slot + -(-nbytes // SLOT))  # every slot the write touches
         for disk, path in vm.nodes[vm.current].layers.items():
             qemu_io.write_pattern(path, slot * SLOT, nbytes, pattern)
-            self.expected[vm.current][disk][slot] = pattern
-        self.slots_used.add(slot)
+            for s in covered:
+                self.expected[vm.current][disk][s] = pattern
+        self.slots_used.update(covered)
         return pattern
 
     # --- operations that keep the expectations in step ---
