@@ -18,10 +18,10 @@ from rich.tree import Tree
 
 from adapters.qemu import qemu_img
 from adapters.service import MergeFailedError, Service
-from domain.errors import Refused, SnaptreeError
+from domain.errors import Refused, SnaptreeError, UnknownVM
 from domain.tree import NodeKind
-from domain.vm import VirtualMachine
-from projections.tree_view import children_map, memory_json, merges_json, tree_json
+from projections.read import doc_children, read_merges, read_tree_view
+from projections.tree_view import memory_json
 
 err_console = Console(stderr=True)
 
@@ -317,19 +317,20 @@ def snapshot_revert(ctx: Ctx, vm_name: str, no_wait: bool, as_json: bool) -> Non
 @command
 def tree(ctx: Ctx, vm_name: str, as_json: bool) -> None:
     """Show VM's snapshot tree: which file gets the writes, which are frozen, pending merges."""
-    agg = ctx.service.app.get_vm(vm_name)
-    data = tree_json(agg, measure)
+    view = read_tree_view(ctx.service.app, vm_name, measure)  # the tree view, caught up first
+    if view is None:
+        raise UnknownVM(f"no VM named {vm_name!r}")
     if as_json:
-        emit(data, True)
+        emit(view.doc, True)
         return
-    Console().print(render_tree(agg, data))
+    Console().print(render_tree(view.doc, view.host))
 
 
-def render_tree(agg: VirtualMachine, data: dict[str, Any]) -> Tree:
+def render_tree(data: dict[str, Any], host: str) -> Tree:
     by_id = {n["id"]: n for n in data["nodes"]}
-    kids = children_map(agg)
+    kids = doc_children(data)
     current = by_id[data["current"]]
-    top = Tree(f"[bold]{agg.name}[/] (host {agg.host}; current chain depth {current['chain_depth']})")
+    top = Tree(f"[bold]{data['vm']}[/] (host {host}; current chain depth {current['chain_depth']})")
 
     def label(n: dict[str, Any]) -> str:
         if n["kind"] == "current":
@@ -353,10 +354,10 @@ def render_tree(agg: VirtualMachine, data: dict[str, Any]) -> Tree:
             files += "  [dim](being created)[/]"
         return f"{head}\n[dim]{files}[/]"
 
-    def add(parent: Tree, node_id: Any) -> None:
+    def add(parent: Tree, node_id: str | None) -> None:
         for child in kids.get(node_id, []):
-            branch = parent.add(label(by_id[str(child.id)]))
-            add(branch, child.id)
+            branch = parent.add(label(child))
+            add(branch, child["id"])
 
     add(top, None)
     return top
@@ -367,11 +368,7 @@ def render_tree(agg: VirtualMachine, data: dict[str, Any]) -> Tree:
 @command
 def merges(ctx: Ctx, vm_name: str | None, as_json: bool) -> None:
     """List hidden nodes and merges in flight, with what blocks each and what it would cost."""
-    names = [vm_name] if vm_name else ctx.service.app.vm_names()
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        agg = ctx.service.app.get_vm(name)
-        rows.extend(merges_json(agg, measure, held))
+    rows = read_merges(ctx.service.app, vm_name, measure, held)  # from the pending-merges view
     emit(rows, as_json, "\n".join(
         f"{r['vm']}\t{r['node']}\t{r['name']}\tdependents={r['dependents']}\t{r['state']}"
         f"\tblocked_by={r['blocked_by']}\tbytes_held={r['bytes_held']}\tmerge_bytes={r['merge_bytes']}"
@@ -413,7 +410,7 @@ def worker_run(ctx: Ctx, until_idle: bool, as_json: bool) -> None:
 
 
 # Command groups that live in their own modules; each has `register(main: click.Group)`.
-EXTENSIONS: tuple[str, ...] = ("adapters.cli_verify", "adapters.cli_bundle")
+EXTENSIONS: tuple[str, ...] = ("adapters.cli_verify", "adapters.cli_bundle", "adapters.cli_audit")
 
 
 def _register_extensions() -> None:

@@ -14,7 +14,7 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 
-from domain.errors import UnknownVM, VMExists
+from domain.errors import Refused, UnknownVM, VMExists
 from domain.names import validate_name
 from domain.ports import Layout
 from domain.tree import MergeDirection
@@ -54,6 +54,9 @@ class Snaptree(Application[UUID]):
         return vm
 
     def get_vm_at(self, name: str, version: int) -> VirtualMachine:
+        latest = self.get_vm(name).version
+        if not 1 <= version <= latest:
+            raise Refused(f"VM {name!r} has versions 1 to {latest}, not {version}")
         vm = self.repository.get(vm_id(name), version=version)
         assert isinstance(vm, VirtualMachine)
         return vm

@@ -59,7 +59,7 @@ class VirtualMachine(Aggregate):
         name: str
         new_current_id: UUID
         layers: dict[str, str]  # the new current state's overlays
-        memory_path: str | None  # where the running VM's memory is saved; None: disks only
+        memory_path: str | None = None  # where the running VM's memory is saved; None: disks only
 
         def apply(self, vm: VirtualMachine) -> None:
             frozen = vm.nodes[self.snapshot_id]
@@ -91,7 +91,7 @@ class VirtualMachine(Aggregate):
         new_current_id: UUID
         layers: dict[str, str]
         revert: bool
-        resume: str | None  # "running" | "paused": how a snapshot with saved memory comes back
+        resume: str | None = None  # "running" | "paused": how saved memory comes back
 
         def apply(self, vm: VirtualMachine) -> None:
             vm._remove_node(self.discarded_id, self.originator_version)
@@ -122,7 +122,7 @@ class VirtualMachine(Aggregate):
 
         class_version = 1
         node_id: UUID
-        live: dict[str, Any] | None
+        live: dict[str, Any] | None = None
 
         def apply(self, vm: VirtualMachine) -> None:
             node = vm.nodes[self.node_id]
