@@ -70,11 +70,17 @@ class Runtime:
         return asyncio.run(go())
 
     def stop(self, vm: VirtualMachine) -> None:
-        async def go() -> None:
-            m = self.machine(vm)
-            await m.stop()
+        asyncio.run(self.stop_async(vm))
 
-        asyncio.run(go())
+    async def stop_async(self, vm: VirtualMachine) -> None:
+        """Quit QEMU over QMP (connected first: an unconnected stop would wait for SIGTERM)."""
+        m = self.machine(vm)
+        if self.is_running(vm.name):
+            try:
+                await m.attach()
+            except Exception:  # noqa: BLE001 - stop() falls back to signals
+                pass
+        await m.stop()
 
     def status(self, vm: VirtualMachine) -> dict[str, Any]:
         pid = self.pid(vm.name)

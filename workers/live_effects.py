@@ -6,6 +6,7 @@ after a crash finds the switch made or the job done and moves on.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from typing import Any, Callable
@@ -56,6 +57,11 @@ async def wait_memory_saved(runtime: Runtime, vm: VirtualMachine, node: Node,
     path = str(mem["path"])
     async with runtime.attached(vm) as m:
         info = await live.wait_save(m, path)
+        for _ in range(20):  # QEMU 7.2 reports `completed` a moment before it sets total-time
+            if info.get("total-time"):
+                break
+            await asyncio.sleep(0.05)
+            info = await m.qmp.execute("query-migrate")
     size = os.path.getsize(path)
     progress(1.0)
     return size, float(info.get("total-time", 0)) / 1000.0
@@ -86,8 +92,7 @@ async def restore_into(runtime: Runtime, vm: VirtualMachine, node: Node, resume:
 
 
 async def stop(runtime: Runtime, vm: VirtualMachine) -> None:
-    m = runtime.machine(vm)
-    await m.stop()
+    await runtime.stop_async(vm)
 
 
 async def cancel_memory_save_of(runtime: Runtime, vm: VirtualMachine, path: str) -> str:
