@@ -410,7 +410,7 @@ def worker_run(ctx: Ctx, until_idle: bool, as_json: bool) -> None:
 
 
 # Command groups that live in their own modules; each has `register(main: click.Group)`.
-EXTENSIONS: tuple[str, ...] = ("adapters.cli_verify", "adapters.cli_bundle", "adapters.cli_audit")
+EXTENSIONS: tuple[str, ...] = ("adapters.cli_verify", "adapters.cli_bundle", "adapters.cli_audit", "adapters.cli_queue")
 
 
 def _register_extensions() -> None:

@@ -145,6 +145,102 @@ class Snaptree(Application[UUID]):
     def files_removed(self, vm: str, paths: list[str]) -> None:
         self._command(vm, lambda agg: agg.files_removed(paths))
 
+    # === BEGIN request-id dedup for the queue (issue 4; domain/requests.py) ===================
+
+    def execute(self, vm: str, requests: list[tuple[str, str, Callable[..., Any]]]) -> list[Any]:
+        """Run queued commands for VM `vm`, each request id at most once (the queue's intake).
+
+        `requests` are `(request_id, command, decide)`; `decide(vm_or_None, layer_paths)` decides
+        on the aggregate (None when no VM has that name: `vm.create`) and returns `(result,
+        aggregate to save)`. Returns per request a `domain.requests.Execution` (the result and
+        the notification ids it recorded; `duplicate=True` when the request id had already taken
+        effect) or the exception that refused it.
+
+        The commands are decided in order on one aggregate and saved in ONE save together with a
+        `Request` aggregate per request id (its id derives from the request id): a request that
+        was executed before collides, so it never takes effect twice. One save for several
+        commands is a group commit. A stale save (another process saved first) is decided again
+        on the fresh state.
+        """
+        from eventsourcing.persistence import PersistenceError
+
+        from domain.errors import Refused
+        from domain.requests import Execution, Request, request_executed
+
+        validate_name(vm, "VM name")
+        outcomes: dict[int, Any] = {}
+        todo = list(range(len(requests)))
+        together = len(todo) > 1
+        attempts = 0
+        with self._lock(vm_id(vm)):
+            while todo:
+                group = todo if together else todo[:1]
+                try:
+                    agg: VirtualMachine | None = self.get_vm(vm)
+                except UnknownVM:
+                    agg = None
+                target, decided, accepted, spans = agg, {}, [], {}
+                seen: set[str] = set()
+                try:
+                    for i in group:
+                        request_id, command, decide = requests[i]
+                        if request_id in seen:  # the same request twice in one batch
+                            decided[i] = Execution(None, [], duplicate=True)
+                            continue
+                        before = len(target.pending_events) if target is not None else 0
+                        try:
+                            result, target = decide(target, self._paths)
+                        except Refused as exc:
+                            if target is not None and len(target.pending_events) != before:
+                                raise  # it recorded something before refusing: not in a group
+                            decided[i] = exc
+                            continue
+                        seen.add(request_id)
+                        decided[i] = result
+                        spans[i] = (before, len(target.pending_events))
+                        accepted.append(Request.accept(request_id, vm=vm, command=command))
+                    recordings = self.save(target, *accepted) if accepted else []
+                except IntegrityError:
+                    self._evict(vm_id(vm))
+                    done = [i for i in group if request_executed(self, requests[i][0])]
+                    for i in done:  # executed before (a redelivery): never again
+                        outcomes[i] = Execution(None, [], duplicate=True)
+                    if done:
+                        todo = [i for i in todo if i not in outcomes]
+                        continue
+                    if agg is None:  # the VM was created meanwhile
+                        if len(group) > 1:
+                            together = False
+                            continue
+                        outcomes[group[0]] = VMExists(f"a VM named {vm!r} already exists")
+                        todo.remove(group[0])
+                        continue
+                    attempts += 1
+                    if attempts >= MAX_ATTEMPTS:
+                        raise
+                    continue  # another process saved first: decide again on the new state
+                except Exception as exc:
+                    self._evict(vm_id(vm))
+                    if isinstance(exc, PersistenceError):
+                        raise
+                    if len(group) > 1:
+                        together = False  # find the one that failed: one at a time
+                        continue
+                    outcomes[group[0]] = exc
+                    todo.remove(group[0])
+                    continue
+                ids = [r.notification.id for r in recordings if target is not None
+                       and r.domain_event.originator_id == target.id]
+                for i in group:
+                    if isinstance(decided[i], (Exception, Execution)):
+                        outcomes[i] = decided[i]
+                    else:
+                        start, stop = spans[i]
+                        outcomes[i] = Execution(decided[i], ids[start:stop])
+                todo = [i for i in todo if i not in outcomes]
+        return [outcomes[i] for i in range(len(requests))]
+
+    # === END request-id dedup ================================================================
 
     # --- internals ---
 

@@ -1,0 +1,186 @@
+"""Redis Streams for the scale-out mode: configuration, stream names, connection, safe trimming.
+
+Every key lives under one prefix (default `snaptree`, `SNAPTREE_REDIS_PREFIX`), so several
+installations or test runs share one Redis without seeing each other:
+
+    <prefix>:commands        producers' commands (group `commands`, see adapters/messages.py)
+    <prefix>:reply:<any>     where replies go (a command's `reply_to` must be under this prefix)
+    <prefix>:events          every domain event, entry id `<notification id>-0` (the relay)
+    <prefix>:work:<host>     wake-ups for the VMs of one host (group `workers`), same ids
+    <prefix>:settled         "VM x has no work left as of notification N" (for waiting clients)
+    <prefix>:dead            dead letters: fields `msg` (the original bytes) and `reason`
+    <prefix>:epoch           present while Redis still holds what the relay wrote (see relay)
+    <prefix>:relay:leader    the relay's leader lock
+
+Configuration by environment:
+
+    SNAPTREE_REDIS_URL           redis://[:password@]host:port/db, rediss://... for TLS
+                                 (e.g. rediss://:pw@h:6380/0?ssl_ca_certs=/etc/ssl/ca.pem)
+    SNAPTREE_REDIS_PREFIX        key prefix (default snaptree)
+    SNAPTREE_CLAIM_IDLE_MS       an item un-acknowledged this long is reclaimed (default 30000)
+    SNAPTREE_MAX_FAILURES        attempts before an item is dead-lettered (default 5)
+    SNAPTREE_MAX_MESSAGE_BYTES   larger command messages are dead-lettered (default 65536)
+    SNAPTREE_EVENTS_MAXLEN       entries kept in the events stream (default 100000)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+COMMAND_GROUP = "commands"
+WORK_GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Names:
+    prefix: str = "snaptree"
+
+    @property
+    def commands(self) -> str:
+        return f"{self.prefix}:commands"
+
+    @property
+    def reply_prefix(self) -> str:
+        return f"{self.prefix}:reply:"
+
+    def reply(self, client: str) -> str:
+        return f"{self.reply_prefix}{client}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    def work(self, host: str) -> str:
+        return f"{self.prefix}:work:{host}"
+
+    @property
+    def settled(self) -> str:
+        return f"{self.prefix}:settled"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}:epoch"
+
+    @property
+    def relay_leader(self) -> str:
+        return f"{self.prefix}:relay:leader"
+
+
+def _int_env(environ: dict[str, str], key: str, default: int, minimum: int = 1) -> int:
+    raw = environ.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{key} must be an integer, not {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{key} must be at least {minimum}, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = DEFAULT_URL
+    names: Names = field(default_factory=Names)
+    claim_idle_ms: int = 30_000
+    max_failures: int = 5
+    max_message_bytes: int = 65_536
+    events_maxlen: int = 100_000
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> RedisConfig:
+        env = dict(os.environ if environ is None else environ)
+        values: dict[str, object] = dict(
+            url=env.get("SNAPTREE_REDIS_URL") or DEFAULT_URL,
+            names=Names(env.get("SNAPTREE_REDIS_PREFIX") or "snaptree"),
+            claim_idle_ms=_int_env(env, "SNAPTREE_CLAIM_IDLE_MS", 30_000, 10),
+            max_failures=_int_env(env, "SNAPTREE_MAX_FAILURES", 5),
+            max_message_bytes=_int_env(env, "SNAPTREE_MAX_MESSAGE_BYTES", 65_536, 256),
+            events_maxlen=_int_env(env, "SNAPTREE_EVENTS_MAXLEN", 100_000),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def claim_interval(self) -> float:
+        """How often a consumer looks for items idle longer than `claim_idle_ms` (seconds)."""
+        return max(0.05, self.claim_idle_ms / 4000)
+
+    def connect(self) -> aioredis.Redis:
+        return connect(self.url)
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for `url`: passwords (redis://:pw@...) and TLS (rediss://) come with the URL."""
+    # Blocking reads here never block longer than a second or two, well inside the timeout.
+    return aioredis.from_url(url, decode_responses=False, health_check_interval=30, socket_timeout=15)
+
+
+async def ensure_group(r: aioredis.Redis, stream: str, group: str) -> None:
+    """Create the consumer group (from the stream's start) and the stream if missing."""
+    try:
+        await r.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """Redis lost the stream or its group (FLUSHALL, restart without persistence)."""
+    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
+
+
+def id_str(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def id_ms(entry_id: bytes | str) -> int:
+    return int(id_str(entry_id).split("-", 1)[0])
+
+
+# Trim a stream without ever dropping an entry that a consumer group has not acknowledged:
+# entries below the oldest pending entry of every group, and at or below every group's
+# last-delivered id, are the only candidates; of those, only the ones beyond MAXLEN go.
+_SAFE_TRIM = """
+local key = KEYS[1]
+local maxlen = tonumber(ARGV[1])
+if redis.call('EXISTS', key) == 0 then return 0 end
+local len = redis.call('XLEN', key)
+if len <= maxlen then return 0 end
+local cut = redis.call('XREVRANGE', key, '+', '-', 'COUNT', maxlen + 1)
+local floor = cut[#cut][1]
+local function lower(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  if am < bm or (am == bm and as < bs) then return a end
+  return b
+end
+local groups = redis.call('XINFO', 'GROUPS', key)
+for _, g in ipairs(groups) do
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] end
+    if g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  floor = lower(floor, last)
+  local pending = redis.call('XPENDING', key, name)
+  if pending[1] > 0 then floor = lower(floor, pending[2]) end
+end
+return redis.call('XTRIM', key, 'MINID', floor)
+"""
+
+
+async def safe_trim(r: aioredis.Redis, stream: str, maxlen: int) -> int:
+    """Keep about `maxlen` entries; never drop one a consumer group has not acknowledged."""
+    return int(await r.eval(_SAFE_TRIM, 1, stream, maxlen))
