@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 from adapters.storage import DataDir
 from domain.application import Snaptree
@@ -32,7 +33,17 @@ def store_env(data: DataDir, environ: dict[str, str] | None = None) -> dict[str,
 
 def open_app(data: DataDir | None = None, environ: dict[str, str] | None = None) -> Snaptree:
     data = data or DataDir.open()
-    return Snaptree(layout=data, env=store_env(data, environ))
+    env = store_env(data, environ)
+    for attempt in range(5):
+        try:
+            return Snaptree(layout=data, env=env)
+        except Exception as exc:  # noqa: BLE001
+            # PostgreSQL: processes that start together race on CREATE OR REPLACE FUNCTION
+            # ("tuple concurrently updated"); the second try finds it done.
+            if "concurrently" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def durable(app: Snaptree) -> None:

@@ -20,6 +20,7 @@ from eventsourcing.persistence import Tracking
 from adapters.storage import DataDir
 from domain.application import Snaptree
 from domain.errors import UnknownVM
+from domain.vm import VirtualMachine
 from domain.work import pending_work
 from workers.disk_effects import DiskEffects, Progress, _quiet
 
@@ -39,7 +40,7 @@ class Worker:
         self.effects = DiskEffects(app, data, progress)
         self.tracking = app.factory.tracking_recorder()
         self.position_name = f"worker:{host}"
-        self._names: dict[UUID, str] = {}
+        self._names: dict[UUID, str | None] = {}
 
     @property
     def position(self) -> int:
@@ -90,11 +91,10 @@ class Worker:
         if originator_id not in self._names:
             try:
                 agg = self.app.repository.get(originator_id)
-            except Exception:  # not a VM aggregate
-                return None
-            name = getattr(agg, "name", None)
-            if not isinstance(name, str):
-                return None
+            except Exception:  # noqa: BLE001 - unreadable: not ours to act on
+                agg = None
+            # Not a VM (a request record, say): remembered too, so it is never loaded again.
+            name = agg.name if isinstance(agg, VirtualMachine) else None
             self._names[originator_id] = name
         return self._names[originator_id]
 
