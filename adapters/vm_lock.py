@@ -1,4 +1,4 @@
-"""The per-VM lock file the worker holds while it changes a VM's files (see workers/runner.py).
+"""The per-VM lock file the worker holds while it changes a VM's files.
 
 Export and audit take the same lock so that no merge rewrites a layer while they read it.
 """
@@ -12,7 +12,7 @@ from typing import Iterator
 
 from adapters.storage import DataDir
 
-LOCK_NAME = ".lock"  # the name workers/runner.py uses
+LOCK_NAME = ".lock"
 
 
 @contextmanager

@@ -7,9 +7,7 @@ worker that restarts from an older position finds the work already done and move
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -18,6 +16,7 @@ from uuid import UUID
 from eventsourcing.persistence import Tracking
 
 from adapters.storage import DataDir
+from adapters.vm_lock import vm_lock
 from domain.application import Snaptree
 from domain.errors import UnknownVM
 from domain.vm import VirtualMachine
@@ -101,15 +100,9 @@ class Worker:
     @contextmanager
     def _vm_lock(self, vm_name: str) -> Iterator[None]:
         """One worker at a time per VM on this host, across processes (CLI and `worker run`)."""
-        folder = self.data.vm_dir(vm_name)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        self.data.vm_dir(vm_name).mkdir(parents=True, exist_ok=True)
+        with vm_lock(self.data, vm_name):
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
 
 
 __all__ = ["Worker", "UnknownVM"]
