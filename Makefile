@@ -5,7 +5,7 @@ setup:
 	@SNAPTREE_SETUP_SERVERS=1 SNAPTREE_SETUP_GUEST=1 scripts/setup.sh
 
 demo:
-	@scripts/setup.sh
+	@SNAPTREE_SETUP_GUEST=1 scripts/setup.sh
 	@.venv/bin/python scripts/demo.py
 
 test: setup
