@@ -12,11 +12,12 @@ from typing import Any, Callable, ClassVar, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, PersistenceError
 
 from domain.errors import Refused, UnknownVM, VMExists
 from domain.names import validate_name
 from domain.ports import Layout
+from domain.requests import Execution, Request, request_executed
 from domain.tree import MergeDirection
 from domain.vm import VirtualMachine, vm_id
 
@@ -145,8 +146,6 @@ class Snaptree(Application[UUID]):
     def files_removed(self, vm: str, paths: list[str]) -> None:
         self._command(vm, lambda agg: agg.files_removed(paths))
 
-    # === BEGIN request-id dedup for the queue (issue 4; domain/requests.py) ===================
-
     def execute(self, vm: str, requests: list[tuple[str, str, Callable[..., Any]]]) -> list[Any]:
         """Run queued commands for VM `vm`, each request id at most once (the queue's intake).
 
@@ -162,11 +161,6 @@ class Snaptree(Application[UUID]):
         commands is a group commit. A stale save (another process saved first) is decided again
         on the fresh state.
         """
-        from eventsourcing.persistence import PersistenceError
-
-        from domain.errors import Refused
-        from domain.requests import Execution, Request, request_executed
-
         validate_name(vm, "VM name")
         outcomes: dict[int, Any] = {}
         todo = list(range(len(requests)))
@@ -240,7 +234,6 @@ class Snaptree(Application[UUID]):
                 todo = [i for i in todo if i not in outcomes]
         return [outcomes[i] for i in range(len(requests))]
 
-    # === END request-id dedup ================================================================
 
     # --- internals ---
 
