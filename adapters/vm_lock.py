@@ -22,7 +22,8 @@ def vm_lock(data: DataDir, vm: str, *, shared: bool = False) -> Iterator[None]:
     if not folder.is_dir():
         yield
         return
-    fd = os.open(folder / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+    data.check_owned(folder)  # a planted symlink must not take the lock file elsewhere
+    fd = os.open(folder / LOCK_NAME, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield

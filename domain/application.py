@@ -161,7 +161,10 @@ class Snaptree(Application[UUID]):
         commands is a group commit. A stale save (another process saved first) is decided again
         on the fresh state.
         """
-        validate_name(vm, "VM name")
+        try:
+            validate_name(vm, "VM name")
+        except Refused as exc:
+            return [exc for _ in requests]  # answered as refused, like any other bad argument
         outcomes: dict[int, Any] = {}
         todo = list(range(len(requests)))
         together = len(todo) > 1

@@ -135,18 +135,28 @@ class DiskEffects:
 
     def merge(self, vm: VirtualMachine, node: Node) -> None:
         try:
+            self._check_merge_files(vm, node)
             if node.merge_state is MergeState.SCHEDULED:
                 self._record_plan(vm, node)
                 vm = self.app.get_vm(vm.name)
                 node = vm.nodes[node.id]
             self.durable()
             self._execute_plan(vm, node)
-        except qemu_img.QemuImgError as exc:
+        except (qemu_img.QemuImgError, PermissionError) as exc:
             log.error("merge of node %s of VM %s failed: %s", node.id, vm.name, exc)
             self.app.merge_failed(vm.name, node.id, str(exc))
             self.failures.append(f"merge of node {node.name or node.id} failed: {exc}")
             return
         self.app.merge_completed(vm.name, node.id)
+
+    def _check_merge_files(self, vm: VirtualMachine, node: Node) -> None:
+        """Every file a merge writes or frees lies in the data directory (or is an own disk)."""
+        touched = [node, *children(vm.nodes, node.id)]
+        touched += [c for dep in touched[1:] for c in children(vm.nodes, dep.id)]
+        for n in touched:
+            for path in n.layers.values():
+                if not vm.is_own_disk(path):
+                    self.data.check_owned(path)
 
     def plan(self, vm: VirtualMachine, node: Node) -> tuple[list[UUID], MergeDirection, int]:
         """Which way moves fewer bytes; the VM's own disk always takes the data (DESIGN §1)."""
