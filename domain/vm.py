@@ -129,7 +129,9 @@ class VirtualMachine(Aggregate):
             node.ready = True
             if node.memory and node.memory.get("state") == "restore":
                 node.memory = None  # the restore happened: the current state owns no memory file
-            if self.live is not None and node.parent is not None:
+            switched = self.live is not None and "pause_ms" in self.live  # a live take, not a restore
+            if switched and node.parent is not None and vm.nodes[node.parent].kind is NodeKind.SNAPSHOT:
+                assert self.live is not None
                 frozen = vm.nodes[node.parent]
                 mem = dict(frozen.memory or {"state": "none"})
                 mem["pause_ms"] = self.live.get("pause_ms")

@@ -15,6 +15,18 @@ state's layers. A merge moves data the way the worker does:
   dependent's own data; H's file is garbage.
 
 So a test can check that no operation ever changes what a visible snapshot or the current state reads.
+
+Memory (live snapshots) is modelled as the worker does it for a running VM: creating the overlays
+of the current state whose parent's memory is being saved is the live switch (`layers_created`
+with `live={"pause_ms", "method"}`), and the memory file exists from then on; creating the overlays
+of a current state to be restored from saved memory reports `live={"restored_from": id}` (what
+`workers.live_effects.restore_into` returns); save_memory -> `vm.memory_saved`, or
+`vm.memory_save_failed` when the save never started.
+
+The worker is strict by default: it performs items exactly in `pending_work` order and raises
+`OutOfOrder` when an item needs layer files that no earlier item created (an overlay whose backing
+file does not exist yet, a merge into a node whose layers do not exist), and `Stuck` when a merge
+can be done no way `merge_started` accepts. `creates_first=True` instead works around the first.
 """
 
 from __future__ import annotations
@@ -37,6 +49,13 @@ Reads = dict[str, dict[int, str]]  # disk -> offset -> pattern
 
 def layer_paths(node_id: UUID) -> dict[str, str]:
     return {d: f"/data/{node_id}.{d}.qcow2" for d in DISKS}
+
+
+def memory_path(node_id: UUID) -> str:
+    return f"/data/{node_id}.state"
+
+
+LIVE_SWITCH = {"pause_ms": 7, "method": "background-snapshot"}
 
 
 def new_vm(name: str = "vm1") -> VirtualMachine:
@@ -100,6 +119,7 @@ class Content:
             path: dict(base.get(disk, {})) for disk, path in vm.disks.items()
         }
         self.own = set(vm.disks.values())
+        self.memory: set[str] = set()  # memory state files that exist
 
     # queries
 
@@ -146,6 +166,7 @@ class Content:
         for path in paths:
             assert path not in self.own, f"would delete the VM's own disk {path}"
             self.files.pop(path, None)
+            self.memory.discard(path)
 
     def commit_down(self, node: Node, dep: Node) -> None:
         for disk, low in node.layers.items():
@@ -190,6 +211,7 @@ class Worker:
         self.content = content if content is not None else Content(vm)
         self.creates_first = creates_first
         self.reordered = 0  # items performed out of the domain's order (see `perform`)
+        self.memory_failures = 0  # memory saves that never started when their item came
         self.done: list[tuple[str, UUID | None, str]] = []  # (kind, node, detail) in order
 
     def settle(self, limit: int | None = None, *, leave_running: bool = False) -> int:
@@ -245,6 +267,9 @@ class Worker:
         elif item.kind is WorkKind.MERGE:
             assert item.node_id is not None
             self.merge(item.node_id, start_only=start_only)
+        elif item.kind is WorkKind.SAVE_MEMORY:
+            assert item.node_id is not None
+            self.save_memory(vm.nodes[item.node_id])
         else:  # pragma: no cover
             raise AssertionError(item)
 
@@ -275,8 +300,27 @@ class Worker:
         for path in parent.layers.values():
             assert path in self.content.files, f"backing file {path} does not exist"
         self.content.create(node.layers.values())
-        self.vm.layers_created(node.id)
+        live: dict[str, object] | None = None
+        mem = node.memory or {}
+        parent_mem = parent.memory or {}
+        if mem.get("state") == "restore":
+            if parent_mem.get("state") == "saved":
+                live = {"restored_from": str(parent.id)}  # QEMU restarted from the saved memory
+        elif parent_mem.get("state") == "saving" and not parent_mem.get("started"):
+            live = dict(LIVE_SWITCH)  # the live switch: the memory save starts with it
+            self.content.memory.add(str(parent_mem["path"]))
+        self.vm.layers_created(node.id, live)
         self.done.append(("create_layers", node.id, ""))
+
+    def save_memory(self, node: Node) -> None:
+        mem = node.memory or {}
+        if mem.get("started"):
+            self.vm.memory_saved(node.id, 1 << 20, 0.5, "0" * 64)
+            self.done.append(("save_memory", node.id, "saved"))
+        else:  # what the real worker reports
+            self.vm.memory_save_failed(node.id, "the save never started")
+            self.memory_failures += 1
+            self.done.append(("save_memory", node.id, "failed"))
 
     def start_merge(self, node_id: UUID) -> MergeDirection:
         vm = self.vm

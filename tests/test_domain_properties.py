@@ -1,9 +1,11 @@
 """Property tests of the pure domain: random command sequences against every invariant of DESIGN §1.
 
-A hypothesis state machine drives one `VirtualMachine` aggregate with take / apply / delete /
-delete --subtree / rename / revert / merge [--force] / guest writes, and a simulated worker
-(`domain_sim.Worker`) that performs only some of the pending work at a time, so commands also run
-while overlays, merges and file removals are outstanding (and while a merge is RUNNING).
+A hypothesis state machine drives one `VirtualMachine` aggregate with take (disks only or live,
+with memory) / apply / delete / delete --subtree / rename / revert / merge [--force] / guest writes,
+and a simulated worker (`domain_sim.Worker`) that performs only some of the pending work at a time,
+so commands also run while overlays, memory saves, merges and file removals are outstanding (and
+while a merge is RUNNING). The tree invariants are checked after every step and after every single
+work item; `--hypothesis-show-statistics` shows what the runs covered.
 
 The worker performs items strictly in `pending_work` order and fails the run (`OutOfOrder`) when an
 item needs layer files that were not created yet, or (`Stuck`) when a merge can be done no way the
@@ -39,6 +41,7 @@ from domain_sim import (
     Directions,
     Worker,
     layer_paths,
+    memory_path,
     new_vm,
     settle,
 )
@@ -72,6 +75,7 @@ def same_state(a: VirtualMachine, b: VirtualMachine) -> None:
     assert a.nodes == b.nodes
     assert a.current == b.current
     assert a.garbage == b.garbage
+    assert getattr(a, "names", None) == getattr(b, "names", None)
 
 
 # --- the machine ---
@@ -130,7 +134,7 @@ class SnapshotTree(RuleBasedStateMachine):
                 self.write("disk0", 0)  # every layer holds offset 0: merges must keep the top
                 self.write("disk1", k % 2)
             self.take("abcdef"[k])
-        for i, force, parent_too in forks:  # a snapshot with two dependents, deleted: a hidden node that waits
+        for i, force, parent_too in forks:  # 2 dependents, then deleted: a hidden node that waits
             if not self.visible or self.vm.running_merge() is not None:
                 break
             fork = self.visible[i % len(self.visible)]
@@ -169,31 +173,43 @@ class SnapshotTree(RuleBasedStateMachine):
 
     def done(self) -> None:
         for e in self.vm.pending_events:
-            if isinstance(e, (VirtualMachine.MergeDeferred, VirtualMachine.MergeStarted)):
-                event(f"recorded {type(e).__name__}" + (f" into {len(e.into)}" if hasattr(e, "into") else ""))
+            label = type(e).__name__
+            if isinstance(e, VirtualMachine.MergeStarted):
+                label += f" into {len(e.into)}"
+            elif isinstance(e, VirtualMachine.SnapshotApplied) and e.resume:
+                label += " (restores memory)"
+            event(f"recorded {label}")
         self.log.extend(self.vm.collect_events())
-
-    steps = 0
-
-    @invariant()
-    def count_steps(self) -> None:
-        self.steps += 1
 
     def read(self, node_id: UUID) -> dict[str, dict[int, str]]:
         return self.content.read(self.vm, node_id)
 
     # commands
 
-    @rule(name=st.one_of(NAMES, st.none()))
-    def take(self, name: str | None) -> None:
+    def restoring(self) -> bool:
+        return (self.vm.nodes[self.vm.current].memory or {}).get("state") == "restore"
+
+    def switch_outstanding(self) -> bool:
+        """A live take whose switch to the new overlay has not happened yet."""
+        return any((n.memory or {}).get("state") == "saving" and not (n.memory or {}).get("started")
+                   for n in self.vm.nodes.values())
+
+    @rule(name=st.one_of(NAMES, st.none()), live=st.booleans())
+    def take(self, name: str | None, live: bool = False) -> None:
         if name is None:  # a fresh name
             self.fresh += 1
             name = f"n{self.fresh}"
+        mem = memory_path(self.vm.current) if live else None
+        call = lambda: self.vm.take_snapshot(name, layer_paths, mem)  # noqa: E731
         if any(n.name == name for n in self.visible):
-            self.refused(NameTaken, lambda: self.vm.take_snapshot(name, layer_paths))
+            self.refused(NameTaken, call)
+            return
+        if self.restoring():
+            event("take refused: the current state is still being restored")
+            self.refused(Conflict, call)
             return
         before = copy.deepcopy(self.expected_current)
-        sid = self.vm.take_snapshot(name, layer_paths)
+        sid = call()
         self.expected[sid] = before
         self.expected_current = copy.deepcopy(before)
         self.done()
@@ -203,8 +219,8 @@ class SnapshotTree(RuleBasedStateMachine):
         if not self.visible:
             return
         snap = self.visible[i % len(self.visible)]
-        if self.vm.running_merge() is not None:
-            event("apply refused: a merge is running")
+        if self.vm.running_merge() is not None or self.switch_outstanding():
+            event("apply refused: a merge is running or a live take has not switched")
             self.refused(Conflict, lambda: self.vm.apply_snapshot(snap.name or "", layer_paths))
             return
         self.vm.apply_snapshot(snap.name or "", layer_paths)
@@ -217,7 +233,7 @@ class SnapshotTree(RuleBasedStateMachine):
         if target is None:
             self.refused(Refused, lambda: self.vm.revert(layer_paths))
             return
-        if self.vm.running_merge() is not None:
+        if self.vm.running_merge() is not None or self.switch_outstanding():
             self.refused(Conflict, lambda: self.vm.revert(layer_paths))
             return
         if any(n.kind is NodeKind.HIDDEN for n in ancestors(self.vm.nodes, self.vm.current)):
@@ -385,6 +401,9 @@ class SnapshotTree(RuleBasedStateMachine):
                 assert n.merge_state is None
         names = [n.name for n in nodes.values() if n.kind is NodeKind.SNAPSHOT]
         assert len(names) == len(set(names)), "visible names are unique"
+        for n in nodes.values():
+            if n.kind is NodeKind.SNAPSHOT:
+                assert n.name is not None and vm.resolve_snapshot(n.name) is n, "a name finds its snapshot"
         running = [n for n in nodes.values() if n.merge_state is MergeState.RUNNING]
         assert len(running) <= 1
 
@@ -402,6 +421,13 @@ class SnapshotTree(RuleBasedStateMachine):
         assert not set(vm.garbage) & set(OWN_DISKS.values()), "the own disks are never garbage"
         existing = self.content.existing()
         assert existing <= set(paths) | set(vm.garbage), "no orphan file"
+        states = [str(n.memory["path"]) for n in vm.nodes.values() if n.memory and n.memory.get("path")]
+        assert len(states) == len(set(states)), "a memory file belongs to exactly one snapshot"
+        assert not set(states) & set(paths)
+        for n in vm.nodes.values():
+            if n.kind is not NodeKind.SNAPSHOT:
+                assert not (n.memory or {}).get("path"), "only snapshots own a memory file"
+        assert self.content.memory <= set(states) | set(vm.garbage), "no orphan memory file"
         for n in vm.nodes.values():
             layers = set(n.layers.values())
             if n.ready:
@@ -434,11 +460,13 @@ class SnapshotTree(RuleBasedStateMachine):
         assert chain_depth(nodes, vm.current) == visible + hidden2
         assert vm.garbage == {}
         assert self.content.existing() == {p for n in nodes.values() for p in n.layers.values()}
+        saved = {str(n.memory["path"]) for n in nodes.values() if (n.memory or {}).get("state") == "saved"}
+        assert self.content.memory == saved, "idle: a memory file for each saved snapshot, no other"
+        assert self.worker.memory_failures == 0
         if not any(n.kind is NodeKind.SNAPSHOT for n in nodes.values()) and not self.hidden:
             assert list(nodes) == [vm.current] and nodes[vm.current].layers == OWN_DISKS
 
     def teardown(self) -> None:
-        event(f"steps: {self.steps // 10 * 10}+")
         self.done()
         if len(self.log) > 1:
             same_state(replay(self.log), self.vm)

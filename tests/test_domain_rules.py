@@ -22,7 +22,9 @@ from domain_sim import (
     chain,
     deps,
     hidden,
+    LIVE_SWITCH,
     layer_paths,
+    memory_path,
     named,
     new_vm,
 )
@@ -53,6 +55,11 @@ class World:
     def settle(self) -> None:
         self.w.settle()
         assert is_idle(self.vm)
+        assert self.w.memory_failures == 0
+
+    def take_live(self, name: str) -> UUID:
+        """A snapshot of the running VM: its memory is saved to a state file while it runs."""
+        return self.vm.take_snapshot(name, layer_paths, memory_path(self.vm.current))
 
     def write(self, disk: str = "disk0", offset: int | None = None) -> str:
         """The guest writes a new pattern (into the current state's layer)."""
@@ -755,6 +762,127 @@ def test_after_every_snapshot_is_deleted_the_vm_runs_on_its_own_disk_again(polic
     assert world.read(vm.current) == final
     for disk, path in OWN_DISKS.items():
         assert world.content.files[path] == final[disk]  # the data is back in the user's file
+
+
+# --- memory (live snapshots) and configuration ---
+
+
+def test_live_take_saves_the_memory_after_the_switch(world: World) -> None:
+    vm = world.vm
+    sid = world.take_live("s1")
+    mem = vm.nodes[sid].memory
+    assert mem is not None and mem["state"] == "saving" and mem["path"] == memory_path(sid)
+    kinds = [i.kind for i in pending_work(vm)]
+    assert kinds == [WorkKind.CREATE_LAYERS, WorkKind.SAVE_MEMORY]  # the save starts with the switch
+    world.settle()
+    mem = vm.nodes[sid].memory
+    assert mem["state"] == "saved" and mem["method"] == LIVE_SWITCH["method"]
+    assert mem["pause_ms"] == LIVE_SWITCH["pause_ms"]
+    assert world.content.memory == {memory_path(sid)}
+
+
+@pytest.mark.parametrize("dependents", [1, 2])
+def test_delete_removes_the_config_copy_and_memory_at_once(world: World, dependents: int) -> None:
+    vm = world.vm
+    world.take_settled("base")
+    sid = world.take_live("s1")
+    world.settle()
+    world.take_settled("s2")
+    if dependents == 2:
+        world.apply("s1")
+        world.settle()
+    assert len(deps(vm, sid)) == dependents
+    vm.collect_events()
+
+    world.delete("s1")
+
+    node = vm.nodes[sid]  # hidden: merge scheduled (1) or pending (2)
+    assert node.kind is NodeKind.HIDDEN and node.memory is None and node.config == {}
+    assert memory_path(sid) in vm.garbage  # at once, whatever happens to the layers
+    deleted = [e for e in vm.collect_events() if isinstance(e, VirtualMachine.SnapshotDeleted)]
+    assert deleted[0].files == [memory_path(sid)] and deleted[0].dependents == dependents
+    world.settle()
+    assert world.content.memory == set()
+
+
+def test_apply_of_a_snapshot_with_saved_memory_restores_it(world: World) -> None:
+    vm = world.vm
+    sid = world.take_live("s1")
+    world.take_settled("s2")
+    new_id = vm.apply_snapshot("s1", layer_paths, paused=True)
+    assert vm.nodes[new_id].memory == {"state": "restore", "resume": "paused"}
+    # a snapshot of a state that is still being restored is refused until the worker is done
+    assert_refused_untouched(vm, Conflict, lambda: world.take("s3"))
+    world.settle()
+    assert vm.nodes[new_id].memory is None  # restored: the current state owns no memory file
+    assert vm.nodes[sid].memory["state"] == "saved"
+    world.take("s3")
+
+
+def test_apply_waits_for_a_live_take_to_switch_first(world: World) -> None:
+    vm = world.vm
+    world.take_settled("s1")
+    world.take_live("s2")  # the worker has not switched to the new overlay yet
+    assert_refused_untouched(vm, Conflict, lambda: world.apply("s1"))
+    assert_refused_untouched(vm, Conflict, lambda: vm.revert(layer_paths))
+    world.w.settle(1)  # the switch; the save now runs
+    world.apply("s1")
+    world.settle()
+
+
+def test_apply_of_a_snapshot_whose_memory_is_still_being_saved(world: World) -> None:
+    vm = world.vm
+    sid = world.take_live("s1")
+    world.w.settle(1)  # switched; the memory save runs
+    assert vm.nodes[sid].memory["state"] == "saving" and vm.nodes[sid].memory["started"]
+    assert_refused_untouched(
+        vm, Conflict, lambda: vm.apply_snapshot("s1", layer_paths, wait_for_memory=False)
+    )
+    new_id = world.apply("s1")  # applied once the save ends
+    assert vm.nodes[new_id].memory == {"state": "restore", "resume": "running"}
+    world.settle()
+    assert vm.nodes[sid].memory["state"] == "saved" and vm.nodes[new_id].memory is None
+
+
+def test_a_failed_memory_save_leaves_a_disk_only_snapshot(world: World) -> None:
+    vm = world.vm
+    sid = world.take_live("s1")
+    world.w.settle(1)
+    vm.memory_save_failed(sid, "no space left")
+    assert vm.nodes[sid].memory["state"] == "failed"
+    assert memory_path(sid) in vm.garbage
+    world.settle()
+    assert world.content.memory == set()
+    new_id = world.apply("s1")
+    assert vm.nodes[new_id].memory is None  # nothing to restore: the VM starts from the disks
+
+
+def test_the_vm_settings_change_but_a_snapshot_keeps_its_copy() -> None:
+    vm = VirtualMachine.register(name="vm", host="h", disks=dict(OWN_DISKS), config={"mem": 256})
+    sid = vm.take_snapshot("s1", layer_paths)
+    vm.set_config({"mem": 512})
+    assert vm.nodes[vm.current].config == {"mem": 512}
+    assert vm.nodes[sid].config == {"mem": 256}  # a snapshot's configuration copy never changes
+    new_id = vm.apply_snapshot("s1", layer_paths)
+    assert vm.nodes[new_id].config == {"mem": 256}  # apply: the copy of S's configuration
+    vm.set_config({"mem": 1024})  # "the VM's settings may be changed after apply"
+    assert vm.nodes[sid].config == {"mem": 256}
+    vm.collect_events()
+    vm.set_config({"mem": 1024})  # no change: nothing recorded
+    assert len(vm.pending_events) == 0
+    with pytest.raises(Refused):
+        vm.set_config({})
+
+
+def test_applying_a_snapshot_never_changes_its_record(world: World) -> None:
+    vm = world.vm
+    sid = world.take_live("s1")
+    world.settle()
+    before = copy.deepcopy(vm.nodes[sid])
+    assert before.memory["pause_ms"] == LIVE_SWITCH["pause_ms"]
+    world.apply("s1")
+    world.settle()  # the worker restores the VM from S's memory
+    assert vm.nodes[sid] == before
 
 
 # --- work order and merge interplay (regressions of bugs found while writing these tests) ---
