@@ -13,7 +13,7 @@ test: setup
 	.venv/bin/pytest
 
 bench: setup
-	.venv/bin/python benchmarks/bench_domain.py
+	.venv/bin/python benchmarks/run_all.py
 
 clean:
 	rm -rf .venv demo-data .pytest_cache .hypothesis
