@@ -45,6 +45,7 @@ class DiskEffects:
         self.progress = progress
         self.runtime = Runtime(data)
         self.failures: list[str] = []  # merges that failed during this object's life
+        self.resuming = False  # the merge being performed was started by a worker that died
 
     def durable(self) -> None:
         """Before a destructive step: the events that justify it must survive a power cut."""
@@ -136,6 +137,8 @@ class DiskEffects:
     def merge(self, vm: VirtualMachine, node: Node) -> None:
         try:
             self._check_merge_files(vm, node)
+            # A RUNNING merge was started by a worker that died: no file state can be trusted.
+            self.resuming = node.merge_state is MergeState.RUNNING
             if node.merge_state is MergeState.SCHEDULED:
                 self._record_plan(vm, node)
                 vm = self.app.get_vm(vm.name)
@@ -204,6 +207,8 @@ class DiskEffects:
         target, top = node.layers[disk], dep.layers[disk]
         if qemu_img.backing_file(top) != target:
             raise qemu_img.QemuImgError(["check"], 1, f"{top} is not backed by {target}", what="merge check")
+        if self.resuming:
+            qemu_img.repair_leaks(target)  # a killed commit may have left unused clusters
         # Writing the same data again is harmless, so a crash anywhere here just re-runs it.
         qemu_img.commit(top, progress=step)
         self._repoint_children(vm, dep, target, disk)
@@ -221,5 +226,10 @@ class DiskEffects:
         grandparent = vm.nodes[node.parent].layers[disk]
         path = dep.layers[disk]
         if qemu_img.backing_file(path) == grandparent:
-            return  # done before a crash
+            # qemu-img rewrites the header before it has flushed the copied data, so a header that
+            # already names the grandparent proves nothing: put the hidden layer back under it
+            # (its file still exists until the merge is recorded) and copy again.
+            qemu_img.rebase_unsafe(path, node.layers[disk])
+        if self.resuming:
+            qemu_img.repair_leaks(path)
         qemu_img.rebase_safe(path, grandparent, progress=step)

@@ -118,6 +118,7 @@ async def merge_online(
         step(done / total if total else 0.0)
 
     async with runtime.attached(vm) as m:
+        await finish_left_jobs(m, disk, progress)
         layers = (await live.chains(m))[disk]
         files = [layer.filename for layer in layers]
         top, target = dep.layers[disk], hidden.layers[disk]
@@ -137,6 +138,18 @@ async def merge_online(
                 await live.stream_into_active(m, disk, grandparent, progress=progress)
             else:
                 await _stream_intermediate(m, disk, top, grandparent, progress)
+
+
+async def finish_left_jobs(m: QemuMachine, disk: str, progress: Callable[[int, int], None]) -> None:
+    """Drive to its end and dismiss a block job a killed worker left behind.
+
+    Must come before any node query: QEMU 7.2 crashes on `query-named-block-nodes` while a
+    concluded block-stream job is still waiting to be dismissed.
+    """
+    for job in (f"stream-{disk}", f"commit-{disk}"):
+        if await live._existing_job(m, job):
+            await live._run_job(m, job, progress, complete_when_ready=True)
+            await live.prune_nodes(m, disk)
 
 
 async def _commit_intermediate(m: QemuMachine, disk: str, top: str, base: str,
