@@ -60,12 +60,7 @@ OUT = ROOT / "BENCHMARKS.md"
 MISSED = "**missed**"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
+log, med = bls.log, bls.med
 
 
 def spread(xs: list[float], fmt: str = "{:.1f}") -> str:
