@@ -58,10 +58,3 @@ def durable(app: Snaptree) -> None:
 
 def this_host() -> str:
     return os.environ.get("SNAPTREE_HOST") or socket.gethostname()
-
-
-def store_description(app: Snaptree) -> str:
-    module = app.env.get("PERSISTENCE_MODULE", "")
-    if module.endswith("postgres"):
-        return f"postgres://{app.env.get('POSTGRES_HOST', '')}/{app.env.get('POSTGRES_DBNAME', '')}"
-    return f"sqlite:{app.env.get('SQLITE_DBNAME', '')}"

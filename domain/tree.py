@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Iterable, Iterator
+from typing import Iterator
 from uuid import UUID
 
 
@@ -113,14 +113,3 @@ def root(nodes: dict[UUID, Node]) -> Node:
 def chain_depth(nodes: dict[UUID, Node], node_id: UUID) -> int:
     """How many layers a read of this node may go through below its own."""
     return sum(1 for _ in ancestors(nodes, node_id))
-
-
-def visible_snapshots(nodes: dict[UUID, Node]) -> Iterable[Node]:
-    return (n for n in nodes.values() if n.kind is NodeKind.SNAPSHOT)
-
-
-def find_by_name(nodes: dict[UUID, Node], name: str) -> Node | None:
-    for n in nodes.values():
-        if n.kind is NodeKind.SNAPSHOT and n.name == name:
-            return n
-    return None

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Iterator
 from uuid import UUID
 
-from eventsourcing.persistence import Tracking
+from eventsourcing.persistence import Tracking, TrackingRecorder
 
 from adapters.storage import DataDir
 from adapters.vm_lock import vm_lock
@@ -37,9 +38,14 @@ class Worker:
         self.data = data
         self.host = host
         self.effects = DiskEffects(app, data, progress)
-        self.tracking = app.factory.tracking_recorder()
         self.position_name = f"worker:{host}"
         self._names: dict[UUID, str | None] = {}
+
+    @cached_property
+    def tracking(self) -> TrackingRecorder:
+        """Made on first use: an embedded command that only drains its VM never needs it
+        (constructing it runs CREATE TABLE)."""
+        return self.app.factory.tracking_recorder()
 
     @property
     def position(self) -> int:
