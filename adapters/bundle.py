@@ -24,6 +24,7 @@ from eventsourcing.application import project_aggregate
 from eventsourcing.persistence import Mapper, StoredEvent
 
 from adapters.transcoder import MsgpackTranscoder, packb, unpackb
+from domain.memory import MemoryState
 from domain.application import Snaptree
 from domain.errors import Refused
 from domain.tree import Node
@@ -76,7 +77,7 @@ def member_of_layer(vm: VirtualMachine, node: Node, disk: str) -> str:
 def has_state(node: Node) -> bool:
     """A saved memory state file travels with its node (a failed save's file is garbage)."""
     mem = node.memory
-    return bool(mem and mem.get("path") and mem.get("state", "saved") == "saved")
+    return mem is not None and mem.path is not None and mem.state is MemoryState.SAVED
 
 
 def safe_member_name(name: str) -> bool:

@@ -36,14 +36,40 @@ def open_app(data: DataDir | None = None, environ: dict[str, str] | None = None)
     env = store_env(data, environ)
     for attempt in range(5):
         try:
-            return Snaptree(layout=data, env=env)
+            app = Snaptree(layout=data, env=env)
+            _private_store(data)
+            return app
         except Exception as exc:  # noqa: BLE001
             # PostgreSQL: processes that start together race on CREATE OR REPLACE FUNCTION
             # ("tuple concurrently updated"); the second try finds it done.
-            if "concurrently" not in str(exc) or attempt == 4:
-                raise
-            time.sleep(0.1 * (attempt + 1))
+            if "concurrently" in str(exc) and attempt < 4:
+                time.sleep(0.1 * (attempt + 1))
+                continue
+            if env.get("PERSISTENCE_MODULE") == SQLITE_FACTORY and os.path.isfile(data.event_db):
+                return _read_only(data, env, exc)
+            raise
     raise AssertionError("unreachable")
+
+
+def _read_only(data: DataDir, env: dict[str, str], cause: Exception) -> Snaptree:
+    """The embedded store when it cannot be opened for writing (a full or read-only disk):
+    read as it is on disk, so that `tree`, `merges` and the audit still answer. Once no other
+    process has it open, SQLite has put every commit into the file itself."""
+    ro = dict(env, SQLITE_DBNAME=f"file:{data.event_db}?immutable=1", CREATE_TABLE="false")
+    try:
+        app = Snaptree(layout=data, env=ro)
+    except Exception:  # noqa: BLE001 - the first error says what is wrong
+        raise cause from None
+    app.read_only = True
+    return app
+
+
+def _private_store(data: DataDir) -> None:
+    """The embedded store holds every VM's history: 0600, with its WAL and shared memory."""
+    for suffix in ("", "-wal", "-shm"):
+        path = f"{data.event_db}{suffix}"
+        if os.path.exists(path):
+            os.chmod(path, 0o600)
 
 
 def durable(app: Snaptree) -> None:

@@ -9,6 +9,8 @@ installations or test runs share one Redis without seeing each other:
     <prefix>:work:<host>     wake-ups for the VMs of one host (group `workers`), same ids
     <prefix>:settled         "VM x has no work left as of notification N" (for waiting clients)
     <prefix>:dead            dead letters: fields `msg` (the original bytes) and `reason`
+    <prefix>:watch:<vm>      requests waiting for their host work (request id -> reply_to, upto)
+    <prefix>:done:<vm>       the highest notification id whose host work on the VM is done
     <prefix>:epoch           present while Redis still holds what the relay wrote (see relay)
     <prefix>:relay:leader    the relay's leader lock
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
@@ -65,6 +68,12 @@ class Names:
     @property
     def dead(self) -> str:
         return f"{self.prefix}:dead"
+
+    def watch(self, vm: str) -> str:
+        return f"{self.prefix}:watch:{vm}"
+
+    def done(self, vm: str) -> str:
+        return f"{self.prefix}:done:{vm}"
 
     @property
     def epoch(self) -> str:
@@ -184,3 +193,43 @@ return redis.call('XTRIM', key, 'MINID', floor)
 async def safe_trim(r: aioredis.Redis, stream: str, maxlen: int) -> int:
     """Keep about `maxlen` entries; never drop one a consumer group has not acknowledged."""
     return int(await r.eval(_SAFE_TRIM, 1, stream, maxlen))
+
+
+# A request whose host work is still to be done waits in the VM's watch hash. Whoever comes
+# second — the command consumer registering it, or the host's worker marking the work done —
+# finds the other's mark and posts the "done" reply; HDEL decides who, so it is posted once.
+# KEYS[1] = watch hash, KEYS[2] = done key; ARGV = request id, packed watch, upto.
+_WATCH = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], 86400000)
+local done = tonumber(redis.call('GET', KEYS[2]) or '0')
+if done >= tonumber(ARGV[3]) then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+# KEYS[1] = done key; ARGV[1] = upto. Raises the mark, never lowers it.
+_DONE = """
+local done = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > done then redis.call('SET', KEYS[1], ARGV[1], 'PX', 86400000) end
+return 1
+"""
+
+
+async def watch(r: aioredis.Redis, names: Names, vm: str, request_id: str, packed: bytes, upto: int) -> bool:
+    """Register a request for its "done" reply; True when its work is done already (reply now)."""
+    return bool(await r.eval(_WATCH, 2, names.watch(vm), names.done(vm), request_id, packed, upto))
+
+
+async def mark_done(r: aioredis.Redis, names: Names, vm: str, upto: int) -> dict[bytes, bytes]:
+    """Record that the VM's host work up to notification `upto` is done; returns the watches
+    it settles (request id -> packed watch), each removed so that only this caller replies."""
+    await r.eval(_DONE, 1, names.done(vm), upto)
+    settled: dict[bytes, bytes] = {}
+    for request_id, packed in (await r.hgetall(names.watch(vm))).items():
+        try:
+            wanted = int(msgpack.unpackb(packed, raw=False)["upto"])
+        except Exception:  # noqa: BLE001 - not ours: drop it
+            wanted = 0
+        if wanted <= upto and await r.hdel(names.watch(vm), request_id):
+            settled[request_id] = packed
+    return settled

@@ -51,7 +51,7 @@ def _default(obj: Any) -> msgpack.ExtType:
     raise TypeError(f"cannot encode {type(obj).__qualname__} with msgpack")
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
+def ext_hook(code: int, data: bytes) -> Any:
     if code == EXT_UUID:
         return UUID(bytes=data)
     if code == EXT_DATETIME:
@@ -60,18 +60,18 @@ def _ext_hook(code: int, data: bytes) -> Any:
         return tuple(unpackb(data))
     if code == EXT_ENUM:
         topic, value = unpackb(data)
-        return _resolve(topic)(value)
+        return resolve_trusted(topic)(value)
     return msgpack.ExtType(code, data)
 
 
-def _object_hook(obj: dict[Any, Any]) -> Any:
+def object_hook(obj: dict[Any, Any]) -> Any:
     topic = obj.pop(DATACLASS_KEY, None)
     if topic is None:
         return obj
-    return _resolve(topic)(**obj)
+    return resolve_trusted(topic)(**obj)
 
 
-def _resolve(topic: str) -> Any:
+def resolve_trusted(topic: str) -> Any:
     if not _trusted(topic):
         raise ValueError(f"refusing to decode untrusted type {topic!r}")
     return resolve_topic(topic)
@@ -83,7 +83,7 @@ def packb(obj: Any) -> bytes:
 
 def unpackb(data: bytes) -> Any:
     return msgpack.unpackb(
-        data, ext_hook=_ext_hook, object_hook=_object_hook, strict_map_key=False, raw=False
+        data, ext_hook=ext_hook, object_hook=object_hook, strict_map_key=False, raw=False
     )
 
 

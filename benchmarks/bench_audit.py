@@ -25,6 +25,7 @@ from typing import Callable
 
 from adapters.config import open_app
 from adapters.storage import DataDir
+from domain import commands as c
 from domain.application import Snaptree
 from domain.errors import Refused
 from domain.vm import VirtualMachine, vm_id
@@ -42,7 +43,7 @@ def generate(app: Snaptree, data: DataDir, events: int) -> None:
     def paths(name: str) -> Callable[..., dict[str, str]]:
         return lambda node_id: {"disk0": data.layer_path(name, node_id, "disk0")}
 
-    app.create_vm(BIG, {"disk0": "/srv/big.qcow2"}, host="bench")
+    app.decide(c.RegisterVM(BIG, host="bench", disks={"disk0": "/srv/big.qcow2"}, config={}))
     agg = app.get_vm(BIG)
     for i in range(SNAPSHOTS):
         agg.take_snapshot(f"s{i}", paths(BIG))
@@ -60,14 +61,14 @@ def generate(app: Snaptree, data: DataDir, events: int) -> None:
     app.save(agg)
     for k in range(4):  # smaller VMs with applies and hidden nodes: other shapes in the log
         name = f"vm{k}"
-        app.create_vm(name, {"disk0": f"/srv/{name}.qcow2"}, host="bench")
+        app.decide(c.RegisterVM(name, host="bench", disks={"disk0": f"/srv/{name}.qcow2"}, config={}))
         for j in range(60):
-            app.take(name, f"t{j}")
+            app.decide(c.TakeSnapshot(name, f"t{j}", memory=False))  # a stopped VM: no memory
             try:
                 if j % 7 == 3:
-                    app.apply(name, f"t{j - 2}")
+                    app.decide(c.ApplySnapshot(name, f"t{j - 2}"))
                 if j % 11 == 5:
-                    app.delete(name, f"t{j - 1}")
+                    app.decide(c.DeleteSnapshot(name, f"t{j - 1}"))
             except Refused:
                 pass  # that snapshot was deleted already
 

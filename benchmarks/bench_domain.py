@@ -15,6 +15,7 @@ from pathlib import Path
 
 from adapters.config import open_app
 from adapters.storage import DataDir
+from domain import commands as c
 
 
 def app_in(tmp: str):  # type: ignore[no-untyped-def]
@@ -22,24 +23,31 @@ def app_in(tmp: str):  # type: ignore[no-untyped-def]
     return open_app(data, environ={})
 
 
+def register(app) -> None:  # type: ignore[no-untyped-def]
+    """The VM as `vm create` records it, without the disk checks (no file behind it).
+
+    Takes below are of a stopped VM with no memory (`memory=False`): decided and saved only."""
+    app.decide(c.RegisterVM("vm", host="bench", disks={"disk0": "/nonexistent/own.qcow2"}, config={}))
+
+
 def commands_per_second(n: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         app = app_in(tmp)
-        app.create_vm("vm", {"disk0": "/nonexistent/own.qcow2"}, host="bench")
-        app.take("vm", "base")
+        register(app)
+        app.decide(c.TakeSnapshot("vm", "base", memory=False))
         t = time.perf_counter()
         for i in range(n):  # rename: a full command round trip (load, decide, save)
-            app.rename("vm", "base" if i == 0 else f"n{i - 1}", f"n{i}")
+            app.decide(c.RenameSnapshot("vm", "base" if i == 0 else f"n{i - 1}", f"n{i}"))
         return n / (time.perf_counter() - t)
 
 
 def load_ms(events: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         app = app_in(tmp)
-        app.create_vm("vm", {"disk0": "/nonexistent/own.qcow2"}, host="bench")
-        app.take("vm", "base")
+        register(app)
+        app.decide(c.TakeSnapshot("vm", "base", memory=False))
         for i in range(events - 2):
-            app.rename("vm", "base" if i == 0 else f"n{i - 1}", f"n{i}")
+            app.decide(c.RenameSnapshot("vm", "base" if i == 0 else f"n{i - 1}", f"n{i}"))
         samples = []
         for _ in range(20):
             fresh = app_in(tmp)  # a new process's view: no cache
@@ -53,13 +61,13 @@ def load_ms(events: int) -> float:
 def take_ms(existing: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         app = app_in(tmp)
-        app.create_vm("vm", {"disk0": "/nonexistent/own.qcow2"}, host="bench")
+        register(app)
         for i in range(existing):
-            app.take("vm", f"s{i}")
+            app.decide(c.TakeSnapshot("vm", f"s{i}", memory=False))
         samples = []
         for i in range(100):
             t = time.perf_counter()
-            app.take("vm", f"t{i}")
+            app.decide(c.TakeSnapshot("vm", f"t{i}", memory=False))
             samples.append((time.perf_counter() - t) * 1000)
         return statistics.median(samples)
 

@@ -30,8 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapters.qemu import live  # noqa: E402
-from adapters.qemu.machine import MachineConfig, QemuMachine  # noqa: E402
+from adapters.qemu import block_graph, live_take, migration  # noqa: E402
+from adapters.qemu.hardware import MachineConfig  # noqa: E402
+from adapters.qemu.machine import QemuMachine  # noqa: E402
+from tests.guest import probe  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("guest_build", ROOT / "tests/guest/build.py")
 guest_build = importlib.util.module_from_spec(_spec)
@@ -69,8 +71,8 @@ async def pause_of(m: QemuMachine, seq: int) -> float:
 async def first_progress_ms(m: QemuMachine) -> float:
     """Time until the guest's heartbeat moves again (write-fault stalls)."""
     t0 = time.monotonic()
-    c0 = await live.read_counter(m)
-    while await live.read_counter(m) == c0:
+    c0 = await probe.read_counter(m)
+    while await probe.read_counter(m) == c0:
         if time.monotonic() - t0 > 30:
             break
     return (time.monotonic() - t0) * 1000.0
@@ -93,7 +95,7 @@ async def bench_size(mib: int, reps: int, work: Path, kernel: str) -> list[dict]
     await m.start()
     rows: list[dict] = []
     try:
-        while await live.read_counter(m) == 0:
+        while await probe.read_counter(m) == 0:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
         gen = 0
@@ -103,7 +105,7 @@ async def bench_size(mib: int, reps: int, work: Path, kernel: str) -> list[dict]
             gen += 1
             out = {}
             for disk in ("a", "b"):
-                top = (await live.chain(m, disk))[0].filename
+                top = (await block_graph.chain(m, disk))[0].filename
                 ov = d / f"{disk}{gen}.qcow2"
                 qimg("create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", str(ov))
                 out[disk] = str(ov)
@@ -114,7 +116,7 @@ async def bench_size(mib: int, reps: int, work: Path, kernel: str) -> list[dict]
         for i in range(reps):
             ovs = await new_overlays()
             state = d / f"mem{i}.state"
-            snap = await live.live_snapshot(m, ovs, str(state))
+            snap = await live_take.live_snapshot(m, ovs, str(state))
             stalls.append(await first_progress_ms(m))
             size, seconds = await snap.wait_saved(timeout=600)
             pauses.append(snap.pause_ms)
@@ -133,7 +135,7 @@ async def bench_size(mib: int, reps: int, work: Path, kernel: str) -> list[dict]
         # live snapshot, disks only
         pauses = []
         for _ in range(reps):
-            snap = await live.live_snapshot(m, await new_overlays(), None)
+            snap = await live_take.live_snapshot(m, await new_overlays(), None)
             pauses.append(snap.pause_ms)
         rows.append(dict(ram=mib, what="live_snapshot disks only", pause=stats(pauses)))
 
@@ -142,7 +144,7 @@ async def bench_size(mib: int, reps: int, work: Path, kernel: str) -> list[dict]
         for i in range(max(1, reps - 1)):
             seq = m.event_seq
             t0 = time.monotonic()
-            out = await live.hmp(m, f"savevm bench{i}")
+            out = await probe.hmp(m, f"savevm bench{i}")
             secs.append(time.monotonic() - t0)
             assert not out.strip(), out
             pauses.append(await pause_of(m, seq))
@@ -153,7 +155,7 @@ async def bench_size(mib: int, reps: int, work: Path, kernel: str) -> list[dict]
             {"capability": "background-snapshot", "state": False},
             {"capability": "pause-before-switchover", "state": False},
             {"capability": "events", "state": True}]})
-        await m.qmp.execute("migrate-set-parameters", {"max-bandwidth": live.MAX_BANDWIDTH})
+        await m.qmp.execute("migrate-set-parameters", {"max-bandwidth": migration.MAX_BANDWIDTH})
         rates, sizes, secs = [], [], []
         for i in range(max(1, reps - 1)):
             state = d / f"bare{i}.state"
@@ -162,7 +164,7 @@ async def bench_size(mib: int, reps: int, work: Path, kernel: str) -> list[dict]
             t0 = time.monotonic()
             await m.qmp.execute("migrate", {"uri": f"exec:exec cat > {state}"})
             writers = children(m.pid)
-            await live.wait_save(m)
+            await migration.wait_save(m)
             while any(Path(f"/proc/{p}").exists() for p in writers):   # cat flushed
                 await asyncio.sleep(0.005)
             seconds = time.monotonic() - t0

@@ -4,34 +4,36 @@
         [--savevm 3] [--migrates 3] [--restores 3] [--merge-mib 256] [--merge-reps 3] [--cp 5]
         [--dir DIR] [--keep] [--out FILE]
 
-Everything goes through an `adapters.service.Service` on a temporary data directory: one VM per
+Everything goes through a `service.api.Service` on a temporary data directory: one VM per
 RAM size (the bare-metal test guest of tests/guest, TCG, 1 vCPU, two 1 GiB qcow2 disks a and b)
-created with `svc.create_vm(..., config={"memory_mib", "cpus", "kernel"})` and started with
-`svc.start_vm`.  Half of guest RAM is preloaded with non-zero data first (zero pages cost nothing
-to save): the VM's config carries no extra QEMU arguments, so the preload goes through QEMU's
+created with `svc.handle(CreateVM(..., memory=MiB, cpus=1, kernel=...))` and started with
+`svc.handle(StartVM(vm))`.  Half of guest RAM is preloaded with non-zero data first (zero pages
+cost nothing to save): the VM's config carries no extra QEMU arguments, so the preload goes through QEMU's
 gdbstub (HMP `gdbserver`, then GDB `M` packets writing 8 non-zero bytes into every 4 KiB page of
 [16 MiB, 16 MiB + RAM/2)); the guest itself keeps rewriting 4 MiB.  Per VM, in this order:
 
-1. `svc.take(vm, name)` + `svc.wait(vm)` with memory, `--takes` times: guest pause = the node's
-   `memory["pause_ms"]` (QEMU STOP/RESUME event timestamps), save = memory bytes / seconds.
-2. Alternating, `--switches` times each: `svc.take(vm, name, memory=False)` (pause from the node)
+1. `svc.handle(TakeSnapshot(vm, name), wait=False)` + `svc.settle(vm)` with memory, `--takes`
+   times: guest pause = the node's `memory.pause_ms` (QEMU STOP/RESUME event timestamps), save =
+   memory bytes / seconds.
+2. Alternating, `--switches` times each: `TakeSnapshot(vm, name, memory=False)` (pause from the node)
    and the bare QMP sequence on the same QEMU (overlay files created beforehand with qemu-img,
    `stop`, `transaction` of `blockdev-snapshot-sync` mode=existing for both disks, `cont`, each
    command awaited in turn as a plain client does; pause from STOP/RESUME timestamps).  The bare
    overlays are committed back (active block-commit) so snaptree's view of the chain stays true.
-3. HMP `savevm` on the runtime's attached machine (`live.hmp`), pause from STOP/RESUME; `delvm`.
+3. HMP `savevm` on the VM's attached machine (`probe.hmp`), pause from STOP/RESUME; `delvm`.
 4. Bare migration to a file of the same VM, stopped: `stop`, `migrate exec:cat > FILE`, wait for
    completion and for cat to exit, `cont`.  Bandwidth = file bytes / QEMU's total-time (the same
-   clock snaptree's memory dict uses).  The target is judged against this one; a live pre-copy of
+   clock snaptree's node memory uses).  The target is judged against this one; a live pre-copy of
    the running VM to a file is measured too and shown for reference.
-5. Restore: `svc.app.apply(vm, <last memory snapshot>)` + `svc.wait(vm)` until the VM runs again.
+5. Restore: `svc.handle(ApplySnapshot(vm, <last memory snapshot>), wait=False)` + `svc.settle(vm)`
+   until the VM runs again.
 6. (first size only) Online merge, --merge-reps runs per direction: a fresh current layer (a disk-only
    snapshot), write --merge-mib MiB into disk a through its device (HMP qemu-io), take a disk-only
-   snapshot, write into another region of the new current layer, `svc.app.delete` the snapshot +
-   `svc.wait`: its one dependent is the running current, so the worker merges online.  The two
+   snapshot, write into another region of the new current layer, `DeleteSnapshot` (wait=False) +
+   `svc.settle`: its one dependent is the running current, so the worker merges online.  The two
    regions are sized so the worker's plan (fewer bytes moved) picks block-stream ("pull-up") in
    one run and active block-commit ("commit-down") in the next, each moving --merge-mib MiB.
-   Bytes moved = the MergeStarted event's bytes; seconds = delete + wait (the whole real path).
+   Bytes moved = the MergeStarted event's bytes; seconds = delete + settle (the whole real path).
    Baseline: `cp FILE X && sync` of a file of the same size on the same filesystem (source in the
    page cache, like the merge's source layer).
 
@@ -60,12 +62,16 @@ from typing import Any, Awaitable, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapters.config import open_app  # noqa: E402
-from adapters.qemu import live, qemu_img  # noqa: E402
-from adapters.qemu.machine import QemuMachine, node_name  # noqa: E402
-from adapters.service import Service  # noqa: E402
-from adapters.storage import DataDir  # noqa: E402
+from adapters.qemu import block_graph, block_jobs, migration, qemu_img  # noqa: E402
+from adapters.qemu.blockdev import node_name  # noqa: E402
+from adapters.qemu.machine import QemuMachine  # noqa: E402
+from domain import commands as c  # noqa: E402
+from domain.definition import Accel  # noqa: E402
+from domain.memory import Memory  # noqa: E402
 from domain.vm import vm_id  # noqa: E402
+from service.api import Service  # noqa: E402
+from service.bootstrap import open_service  # noqa: E402
+from tests.guest import probe  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("guest_build", ROOT / "tests/guest/build.py")
 assert _spec is not None and _spec.loader is not None
@@ -134,12 +140,19 @@ async def pause_ms(m: QemuMachine, seq: int, timeout: float = 300) -> float:
 
 
 def on_vm(svc: Service, vm: str, fn: Callable[[QemuMachine], Awaitable[Any]]) -> Any:
-    """Run `fn(m)` with the runtime's attached machine (QMP connection only for that call)."""
+    """Run `fn(m)` with the VM's attached machine (QMP connection only for that call)."""
     async def go() -> Any:
-        async with svc.runtime.attached(svc.app.get_vm(vm)) as m:
+        async with probe.attached(svc.data, svc.app.get_vm(vm)) as m:
             return await fn(m)
 
     return asyncio.run(go())
+
+
+def stop_qemu(svc: Service, vm: str) -> None:
+    """Quit the VM's QEMU (QMP `quit`, then signals) without recording anything: cleanup only."""
+    live = svc.machines.attach(svc.app.get_vm(vm))
+    if live is not None:
+        live.stop()
 
 
 def children(pid: int) -> list[int]:
@@ -166,7 +179,7 @@ class PidWatch:
                                           or not Path(f"/proc/{self.old_pid}").exists()):
                 self.old_gone = now
             if self.new_seen is None:
-                pid = self.svc.runtime.pid(self.vm)
+                pid = self.svc.machines.pid(self.vm)
                 if pid is not None and pid != self.old_pid:
                     self.new_seen = now
             self._stop.wait(0.005)
@@ -190,7 +203,7 @@ async def preload(m: QemuMachine, sock_path: Path, start: int, length: int) -> f
     the test guest runs without paging).  QEMU stops the VM while gdb is attached and resumes it
     on detach.  Returns seconds."""
     t0 = time.monotonic()
-    out = await live.hmp(m, f"gdbserver unix:{sock_path},server=on,wait=off")
+    out = await probe.hmp(m, f"gdbserver unix:{sock_path},server=on,wait=off")
     if "Waiting" not in out:
         raise RuntimeError(f"gdbserver: {out!r}")
     s = socket.socket(socket.AF_UNIX)
@@ -219,25 +232,34 @@ async def preload(m: QemuMachine, sock_path: Path, start: int, length: int) -> f
     await asyncio.sleep(0.2)
     if await m.query_status() != "running":
         await m.qmp.execute("cont")
-    await live.hmp(m, "gdbserver none")
-    probe = await live.hmp(m, f"xp /1gx {start + length - 4096:#x}")
-    if probe.strip().endswith("0x0000000000000000"):
-        raise RuntimeError(f"preload did not land: {probe!r}")
+    await probe.hmp(m, "gdbserver none")
+    word = await probe.hmp(m, f"xp /1gx {start + length - 4096:#x}")
+    if word.strip().endswith("0x0000000000000000"):
+        raise RuntimeError(f"preload did not land: {word!r}")
     return time.monotonic() - t0
 
 
 # ------------------------------------------------------------------ measurements
+def memory_dict(mem: Memory | None) -> dict[str, Any]:
+    """A node's typed memory as the plain values this benchmark reads (enums by their value)."""
+    if mem is None:
+        return {}
+    return {"state": mem.state.value, "pause_ms": mem.pause_ms, "bytes": mem.bytes,
+            "seconds": mem.seconds, "method": mem.method.value if mem.method else None}
+
+
 def take(svc: Service, vm: str, name: str, *, memory: bool) -> dict[str, Any]:
-    nid = svc.take(vm, name, memory=memory)
-    svc.wait(vm)
-    mem = dict(svc.app.get_vm(vm).nodes[nid].memory or {})
+    taken = svc.handle(c.TakeSnapshot(vm, name, memory=memory), wait=False)  # recorded only
+    nid = taken.snapshot  # type: ignore[attr-defined]
+    svc.settle(vm)
+    mem = memory_dict(svc.app.get_vm(vm).nodes[nid].memory)
     want = "saved" if memory else "none"
     if mem.get("state") != want or mem.get("pause_ms") is None:
         raise RuntimeError(f"take {name}: memory {mem}")
     if memory:
         # QEMU's total-time of this save, read again now that it is over: QEMU 7.2 reports a
         # background snapshot "completed" a moment before it sets total-time, so the worker's
-        # memory["seconds"] (read at that first "completed") can be 0.0.
+        # memory.seconds (read at that first "completed") can be 0.0.
         # QEMU's own "downtime" of the save is read here too (the worker does not record it).
         async def total_time(m: QemuMachine) -> tuple[float, Any]:
             info = await m.qmp.execute("query-migrate")
@@ -252,7 +274,7 @@ async def bare_switch(m: QemuMachine, work: Path, tag: str) -> float:
 
     Then commit the bare overlays back (active block-commit), so QEMU writes into snaptree's
     current layers again."""
-    layers = await live.chains(m)
+    layers = await block_graph.chains(m)
     actions, made = [], []
     for disk, chain in layers.items():
         top = chain[0]
@@ -269,8 +291,8 @@ async def bare_switch(m: QemuMachine, work: Path, tag: str) -> float:
     await m.qmp.execute("cont")
     pause = await pause_ms(m, seq)
     for disk, chain in layers.items():
-        await live.commit_active(m, disk)
-        now = (await live.chain(m, disk))[0].filename
+        await block_jobs.commit_active(m, disk)
+        now = (await block_graph.chain(m, disk))[0].filename
         if now != chain[0].filename:
             raise RuntimeError(f"bare overlay of {disk} not committed back: {now}")
     for path in made:
@@ -284,12 +306,12 @@ async def savevm(m: QemuMachine, tag: str) -> tuple[float, float]:
         {"capability": "background-snapshot", "state": False}]})
     seq = m.event_seq
     t0 = time.monotonic()
-    out = await live.hmp(m, f"savevm {tag}")
+    out = await probe.hmp(m, f"savevm {tag}")
     wall = time.monotonic() - t0
     if out.strip():
         raise RuntimeError(f"savevm: {out.strip()}")
     pause = await pause_ms(m, seq)
-    out = await live.hmp(m, f"delvm {tag}")
+    out = await probe.hmp(m, f"delvm {tag}")
     if out.strip():
         raise RuntimeError(f"delvm: {out.strip()}")
     return pause, wall
@@ -305,7 +327,7 @@ async def bare_migrate(m: QemuMachine, path: Path, stopped: bool = True) -> tupl
         {"capability": "background-snapshot", "state": False},
         {"capability": "pause-before-switchover", "state": False},
         {"capability": "events", "state": True}]})
-    await m.qmp.execute("migrate-set-parameters", {"max-bandwidth": live.MAX_BANDWIDTH,
+    await m.qmp.execute("migrate-set-parameters", {"max-bandwidth": migration.MAX_BANDWIDTH,
                                                    "downtime-limit": 300})
     if stopped:
         await m.qmp.execute("stop")
@@ -313,7 +335,7 @@ async def bare_migrate(m: QemuMachine, path: Path, stopped: bool = True) -> tupl
     await m.qmp.execute("migrate", {"uri": f"exec:exec cat > {shlex.quote(str(path))}"})
     assert m.pid is not None
     writers = children(m.pid)
-    info = await live.wait_save(m)
+    info = await migration.wait_save(m)
     while any(Path(f"/proc/{p}").exists() for p in writers):
         await asyncio.sleep(0.005)
     wall = time.monotonic() - t0
@@ -338,7 +360,7 @@ def write_disk(svc: Service, vm: str, disk: str, offset: int, nbytes: int, patte
         pos = 0
         while pos < nbytes:
             n = min(chunk, nbytes - pos)
-            await live.qemu_io(m, disk, f"write -P {pattern:#x} {offset + pos} {n}", timeout=120)
+            await probe.qemu_io(m, disk, f"write -P {pattern:#x} {offset + pos} {n}", timeout=120)
             pos += n
 
     on_vm(svc, vm, go)
@@ -348,7 +370,7 @@ def check_disk(svc: Service, vm: str, disk: str, offset: int, nbytes: int, patte
     """Read back 1 MiB at the start, middle and end of a written region."""
     async def go(m: QemuMachine) -> None:
         for at in (offset, offset + (nbytes // 2 // MiB) * MiB, offset + nbytes - MiB):
-            await live.qemu_io(m, disk, f"read -P {pattern:#x} {at} {MiB}", timeout=60)
+            await probe.qemu_io(m, disk, f"read -P {pattern:#x} {at} {MiB}", timeout=60)
 
     on_vm(svc, vm, go)
 
@@ -369,8 +391,8 @@ def merge_run(svc: Service, vm: str, tag: str, n_mib: int, want: str) -> dict[st
             marks.append(time.monotonic())
 
     t0, wall0 = time.monotonic(), time.time()
-    svc.app.delete(vm, f"mrg{tag}")
-    svc.wait(vm, progress=progress)
+    svc.handle(c.DeleteSnapshot(vm, f"mrg{tag}"), wait=False)
+    svc.settle(vm, progress=progress)
     seconds = time.monotonic() - t0
     started = [e for e in svc.app.events.get(vm_id(vm), gt=version)
                if type(e).__name__ == "MergeStarted"]
@@ -424,13 +446,13 @@ def bench_vm(svc: Service, work: Path, kernel: str, mib: int, args: argparse.Nam
         path = work / "disks" / f"{vm}-{d}.qcow2"
         qemu_img.create_image(str(path), 1 << 30)
         disks.append(f"{d}={path}")
-    svc.create_vm(vm, disks, config={"memory_mib": mib, "cpus": 1, "kernel": kernel})
-    svc.start_vm(vm)
+    svc.handle(c.CreateVM(vm, disk=tuple(disks), memory=mib, cpus=1, kernel=kernel, accel=Accel.TCG))
+    svc.handle(c.StartVM(vm))
     r: dict[str, Any] = {"mib": mib}
 
     async def warm(m: QemuMachine) -> float:
         deadline = time.monotonic() + 60
-        while await live.read_counter(m) == 0:
+        while await probe.read_counter(m) == 0:
             if time.monotonic() > deadline:
                 raise RuntimeError("the guest does not run")
             await asyncio.sleep(0.05)
@@ -448,7 +470,7 @@ def bench_vm(svc: Service, work: Path, kernel: str, mib: int, args: argparse.Nam
     r["save_bytes"] = [int(m["bytes"]) for m in mems]
     r["dict_s"] = [float(m["seconds"]) for m in mems]
     r["dict_zero"] = sum(1 for x in r["dict_s"] if x <= 0)
-    # memory["seconds"] when the worker recorded it, else QEMU's total-time read afterwards
+    # memory.seconds when the worker recorded it, else QEMU's total-time read afterwards
     r["save_s"] = [d if d > 0 else float(m["qemu_seconds"]) for d, m in zip(r["dict_s"], mems)]
     r["save_bw"] = [b / MiB / s for b, s in zip(r["save_bytes"], r["save_s"])]
     r["method"] = sorted({str(m.get("method")) for m in mems})
@@ -500,17 +522,17 @@ def bench_vm(svc: Service, work: Path, kernel: str, mib: int, args: argparse.Nam
     r["restore_s"], r["restore_old_stop_s"], r["restore_new_s"] = [], [], []
     snap = f"mem{args.takes - 1}"
     for _ in range(args.restores):
-        old_pid = svc.runtime.pid(vm)
+        old_pid = svc.machines.pid(vm)
         t0 = time.monotonic()
         with PidWatch(svc, vm, old_pid) as watch:
-            svc.app.apply(vm, snap)
-            svc.wait(vm)
+            svc.handle(c.ApplySnapshot(vm, snap), wait=False)
+            svc.settle(vm)
             dt = time.monotonic() - t0
         if watch.old_gone is not None:
             r["restore_old_stop_s"].append(watch.old_gone - t0)
         if watch.new_seen is not None:
             r["restore_new_s"].append(t0 + dt - watch.new_seen)
-        state = svc.status(vm)["state"]
+        state = svc.handle(c.GetVMStatus(vm)).state  # type: ignore[attr-defined]
         if state != "running":
             raise RuntimeError(f"after apply of {snap} the VM is {state}")
         r["restore_s"].append(dt)
@@ -529,7 +551,7 @@ def bench_vm(svc: Service, work: Path, kernel: str, mib: int, args: argparse.Nam
         r["cp_s"] = cp_sync(work, args.merge_mib * MiB, args.cp)
         log(f"cp+sync of {args.merge_mib} MiB: s {[round(s, 2) for s in r['cp_s']]}")
 
-    on_vm(svc, vm, lambda m: m.stop())   # QMP quit (svc.stop_vm: see the restore note)
+    on_vm(svc, vm, lambda m: m.stop())   # QMP quit, straight to QEMU (not a recorded StopVM)
     return r
 
 
@@ -637,8 +659,7 @@ def main() -> int:
     work = Path(args.dir or tempfile.mkdtemp(prefix="stbs-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     kernel = str(guest_build.build_guest(work / "guest"))
-    data = DataDir.open(work / "home")
-    svc = Service(data, open_app(data, environ={}), "benchhost")
+    svc = open_service(str(work / "home"), "benchhost", environ={})
     load_before = loadavg()
     t_start = time.monotonic()
     results: list[dict[str, Any]] = []
@@ -650,9 +671,9 @@ def main() -> int:
                 results.append(bench_vm(svc, work, kernel, mib, args, with_merge=(i == 0)))
     finally:
         for name in svc.app.vm_names():          # never leave a QEMU behind
-            if svc.runtime.is_running(name):
+            if svc.machines.pid(name) is not None:
                 try:
-                    svc.runtime.stop(svc.app.get_vm(name))
+                    stop_qemu(svc, name)
                 except Exception as exc:  # noqa: BLE001
                     print(f"could not stop VM {name}: {exc}", file=sys.stderr)
         if not args.keep:

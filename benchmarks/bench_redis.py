@@ -34,6 +34,7 @@ from adapters import messages  # noqa: E402
 from adapters.qemu import qemu_img  # noqa: E402
 from adapters.redis_streams import WORK_GROUP, Names, RedisConfig  # noqa: E402
 from adapters.storage import DataDir  # noqa: E402
+from domain import commands as c  # noqa: E402
 from domain.vm import VirtualMachine  # noqa: E402
 from tests.redis_harness import call, make_cluster, own_disk, settled  # noqa: E402
 
@@ -74,6 +75,7 @@ def pct(values: list[float], p: float) -> float:
 
 async def latency(n: int) -> list[float]:
     from adapters.config import open_app
+    from service.bootstrap import open_service
     from workers.relay import Relay
     from workers.stream_worker import StreamWorker
 
@@ -84,7 +86,7 @@ async def latency(n: int) -> list[float]:
         disk = str(Path(tmp) / "own.qcow2")
         qemu_img.create_image(disk, 16 * 1024 * 1024)
         producer.save(VirtualMachine.register(name="lat", host="h", disks={"disk0": disk}))
-        producer.take("lat", "a")
+        producer.decide(c.TakeSnapshot("lat", "a", memory=False))
         received: dict[int, float] = {}
 
         def on_item(vm: str, entries: list[Any]) -> None:
@@ -96,7 +98,7 @@ async def latency(n: int) -> list[float]:
         r = config.connect()
         stop = asyncio.Event()
         relay = Relay(open_app(data), r, config)
-        worker = StreamWorker(open_app(data), data, "h", r, config, on_item=on_item)
+        worker = StreamWorker(open_service(str(data.root), "h"), r, config, on_item=on_item)
         tasks = [asyncio.create_task(relay.run(stop)), asyncio.create_task(worker.run(stop))]
         committed: dict[int, float] = {}
 
@@ -104,11 +106,8 @@ async def latency(n: int) -> list[float]:
             names = ["a", "b"]
             for i in range(n):
                 old, new = names[i % 2], names[(i + 1) % 2]
-
-                def rename(agg: Any, paths: Any, old: str = old, new: str = new) -> Any:
-                    return agg.rename_snapshot(old, new), agg
-
-                (out,) = producer.execute("lat", [(uuid.uuid4().hex, "snapshot.rename", rename)])
+                rename = c.RenameSnapshot("lat", old, new)
+                (out,) = producer.execute("lat", [(uuid.uuid4().hex, rename)])
                 t = time.perf_counter()
                 for nid in out.events:
                     committed[nid] = t

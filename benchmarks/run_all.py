@@ -49,11 +49,13 @@ import bench_domain  # noqa: E402
 import bench_live_service as bls  # noqa: E402
 from adapters.config import open_app  # noqa: E402
 from adapters.qemu import qemu_img  # noqa: E402
-from adapters.service import Service  # noqa: E402
 from adapters.storage import DataDir  # noqa: E402
+from domain import commands as c  # noqa: E402
 from domain.vm import VirtualMachine, vm_id  # noqa: E402
 from projections.decoding import Decoder, fold  # noqa: E402
 from projections.event_store import event_chunks  # noqa: E402
+from service.api import Service  # noqa: E402
+from service.bootstrap import open_service  # noqa: E402
 
 MiB = 1 << 20
 OUT = ROOT / "BENCHMARKS.md"
@@ -118,16 +120,16 @@ def offline_merge_run(svc: Service, vm: str, tag: str, n_mib: int, want: str, ru
     p1, p2 = (0x11 + 2 * run) & 0xFF, (0x91 + 2 * run) & 0xFF
     n = n_mib * MiB
     r1, r2 = (n, n + MiB) if want == "pull-up" else (n + MiB, n)
-    svc.take(vm, f"pre{tag}", memory=False)        # a fresh (empty) current layer
-    svc.wait(vm)
+    svc.handle(c.TakeSnapshot(vm, f"pre{tag}", memory=False), wait=False)  # a fresh (empty) current layer
+    svc.settle(vm)
     qemu_io(current_layer(svc, vm, "a"), f"write -P {p1:#x} 0 {r1}")
-    svc.take(vm, f"mrg{tag}", memory=False)        # holds r1 bytes
-    svc.wait(vm)
+    svc.handle(c.TakeSnapshot(vm, f"mrg{tag}", memory=False), wait=False)  # holds r1 bytes
+    svc.settle(vm)
     qemu_io(current_layer(svc, vm, "a"), f"write -P {p2:#x} {bls.MERGE_REGION2} {r2}")
     version = svc.app.get_vm(vm).version
     t0 = time.monotonic()
-    svc.app.delete(vm, f"mrg{tag}")
-    svc.wait(vm)
+    svc.handle(c.DeleteSnapshot(vm, f"mrg{tag}"), wait=False)
+    svc.settle(vm)
     seconds = time.monotonic() - t0
     events = list(svc.app.events.get(vm_id(vm), gt=version))
     started = [e for e in events if type(e).__name__ == "MergeStarted"]
@@ -146,7 +148,7 @@ def offline_merges(svc: Service, work: Path, n_mib: int, reps: int) -> list[dict
     path = work / "disks" / "offline-a.qcow2"
     path.parent.mkdir(parents=True, exist_ok=True)
     qemu_img.create_image(str(path), 1 << 30)
-    svc.create_vm(vm, [f"a={path}"])
+    svc.handle(c.CreateVM(vm, disk=(f"a={path}",)))
     out = []
     for rep in range(reps):
         for i, want in enumerate(("pull-up", "commit-down")):
@@ -244,8 +246,7 @@ def main() -> int:
 
     with bls.LoadSampler() as sampler:
         kernel = str(bls.guest_build.build_guest(work / "guest"))
-        data = DataDir.open(work / "home")
-        svc = Service(data, open_app(data, environ={}), "benchhost")
+        svc = open_service(str(work / "home"), "benchhost", environ={})
         try:
             live: list[dict[str, Any]] = []
             for i, mib in enumerate(sizes):
@@ -261,8 +262,8 @@ def main() -> int:
         finally:
             for name in svc.app.vm_names():          # never leave a QEMU behind
                 try:
-                    if svc.runtime.is_running(name):
-                        svc.runtime.stop(svc.app.get_vm(name))
+                    if svc.machines.pid(name) is not None:
+                        bls.stop_qemu(svc, name)
                 except Exception as exc:  # noqa: BLE001
                     print(f"could not stop VM {name}: {exc}", file=sys.stderr)
             free_during = disk_free(work)

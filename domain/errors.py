@@ -49,3 +49,21 @@ class Conflict(Refused):
 
 class InvalidDisk(Refused):
     code = "invalid_disk"
+
+
+class InvalidArgument(Refused):
+    """A command's argument is out of its range or of the wrong kind."""
+
+    code = "invalid_argument"
+
+
+class RequestIdReused(Refused):
+    """A queued request id that already took effect for a different command."""
+
+    code = "request_id_reused"
+
+
+class WrongHost(Refused):
+    """The command needs the VM's own host (its QEMU, its files) and this is another one."""
+
+    code = "wrong_host"

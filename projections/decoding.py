@@ -54,9 +54,9 @@ class Decoder:
         if code == transcoder.EXT_ENUM:  # members are singletons: decode each spelling once
             member = self._enums.get(data)
             if member is None:
-                member = self._enums[data] = transcoder._ext_hook(code, data)
+                member = self._enums[data] = transcoder.ext_hook(code, data)
             return member
-        return transcoder._ext_hook(code, data)
+        return transcoder.ext_hook(code, data)
 
     def _object_hook(self, obj: dict[Any, Any]) -> Any:
         # The transcoder's hook, with each (trusted) class resolved once per decoder.
@@ -65,7 +65,7 @@ class Decoder:
             return obj
         cls = self._dataclasses.get(topic)
         if cls is None:
-            cls = self._dataclasses[topic] = transcoder._resolve(topic)
+            cls = self._dataclasses[topic] = transcoder.resolve_trusted(topic)
         return cls(**obj)
 
     def event(self, originator_id: UUID, row: Row) -> Any:

@@ -18,6 +18,7 @@ from domain.names import validate_name
 from domain.vm import vm_id
 from projections.event_store import latest_version
 from projections.runner import ProjectionRunner
+from projections.tree_view import flatten_bytes, planned_bytes
 
 Measure = Callable[[str], int]
 
@@ -83,6 +84,7 @@ def read_tree_view(app: Snaptree, vm_name: str, measure: Measure | None = None) 
     doc: dict[str, Any] = json.loads(row[0])
     if measure is not None:
         _fill_merge_bytes(doc, measure)
+        _fill_flatten_bytes(doc, measure)
     return TreeView(doc, row[1], row[2])
 
 
@@ -136,22 +138,35 @@ def read_timeline(app: Snaptree, vm_name: str) -> list[dict[str, Any]]:
     ]
 
 
-# --- byte counts (the rules of projections.tree_view.merge_bytes, on view data) ---
+# --- byte counts (projections.tree_view.planned_bytes, on view data) ---
 
 
 def _merge_bytes(layers: list[str], dependents: list[list[str]], root: bool, measure: Measure) -> int:
     held = sum(measure(p) for p in layers)
-    if len(dependents) != 1:
-        return held * len(dependents)  # what `merge --force` would pull up into each dependent
-    dep_bytes = sum(measure(p) for p in dependents[0])
-    return dep_bytes if root else min(dep_bytes, held)
+    return planned_bytes(held, [sum(measure(p) for p in d) for d in dependents], root=root)
+
+
+def _fill_flatten_bytes(doc: dict[str, Any], measure: Measure) -> None:
+    by_id = {n["id"]: n for n in doc["nodes"]}
+    current = by_id[doc["current"]]
+    estimate = current.get("next_flatten")
+    if estimate is None:
+        return  # a view written before bounded chains
+    chain: list[list[str]] = []
+    node: dict[str, Any] | None = current
+    while node is not None:
+        chain.append(list(node["disks"].values()))
+        up = node.get("backing", node["parent"])
+        node = by_id.get(up) if up is not None else None
+    estimate["bytes"] = flatten_bytes(chain[::-1], estimate, measure)
 
 
 def _fill_merge_bytes(doc: dict[str, Any], measure: Measure) -> None:
     kids: dict[str, list[dict[str, Any]]] = {}
     for n in doc["nodes"]:
-        if n["parent"] is not None:
-            kids.setdefault(n["parent"], []).append(n)
+        backing = n.get("backing", n["parent"])  # views written before flattening had no "backing"
+        if backing is not None:
+            kids.setdefault(backing, []).append(n)
     for n in doc["nodes"]:
         merge = n.get("merge")
         if merge is None or merge.get("bytes") is not None:

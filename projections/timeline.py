@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 from uuid import UUID
 
+from domain.memory import LiveSwitch
 from domain.tree import Node, NodeKind
 from domain.vm import VirtualMachine
 
@@ -80,7 +81,7 @@ def _registered(e: Any, _: VirtualMachine | None) -> str:
 
 
 def _taken(e: Any, vm: VirtualMachine | None) -> str:
-    memory = " with memory" if getattr(e, "memory_path", None) else ""
+    memory = " asking for its memory" if getattr(e, "memory_path", None) else ""
     return (
         f'took snapshot "{e.name}" ({_short(e.snapshot_id)}){memory}; '
         f"new current state {_short(e.new_current_id)}"
@@ -96,10 +97,20 @@ def _applied(e: Any, vm: VirtualMachine | None) -> str:
 
 
 def _layers_created(e: Any, vm: VirtualMachine | None) -> str:
-    live = getattr(e, "live", None)
+    live = e.live
+    if isinstance(live, dict):
+        live = LiveSwitch.from_legacy(live)
     extra = ""
-    if live and live.get("pause_ms") is not None:
-        extra = f"; guest paused {live['pause_ms']:.1f} ms"
+    if live is not None and live.pause_ms is not None:
+        extra = f"; guest paused {live.pause_ms:.1f} ms"
+    if live is not None and live.method is not None:
+        extra += f"; memory save started ({live.method.value})"
+    if live is not None and live.memory_error:
+        extra += f"; memory not saved: {live.memory_error}"
+    if live is not None and live.restored_from is not None:
+        extra += f"; restored from the memory of {_label(vm, live.restored_from)}"
+    if live is not None and live.not_running:
+        extra += "; the VM was not running"
     return f"layer files created for {_label(vm, e.node_id)}{extra}"
 
 
@@ -165,6 +176,16 @@ def _imported(e: Any, _: VirtualMachine | None) -> str:
     )
 
 
+def _run_requested(e: Any, _: VirtualMachine | None) -> str:
+    paused = " paused" if e.paused else ""
+    return f"asked the VM's host to {e.action.value} it{paused}"
+
+
+def _run_recorded(e: Any, _: VirtualMachine | None) -> str:
+    pid = f" (pid {e.pid})" if e.pid else ""
+    return f"the VM's host reports it {e.state.value}{pid}"
+
+
 def _files_removed(e: Any, _: VirtualMachine | None) -> str:
     return f"removed {_plural(len(e.paths), 'file')}: {_files(list(e.paths))}"
 
@@ -187,4 +208,6 @@ _SUMMARIES: dict[str, Callable[[Any, VirtualMachine | None], str]] = {
     "MergeFailed": _merge_failed,
     "Imported": _imported,
     "FilesRemoved": _files_removed,
+    "RunRequested": _run_requested,
+    "RunRecorded": _run_recorded,
 }

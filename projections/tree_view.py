@@ -1,4 +1,4 @@
-"""The tree of one VM as the stable JSON of DESIGN §3b (`tree VM --json`, `merges --json`).
+"""The tree of one VM as the stable JSON of docs/output.md (`tree VM --json`, `merges --json`).
 
 Pure functions of the aggregate; the caller passes `measure(path) -> bytes allocated on disk`
 when the output should say how many bytes hidden nodes hold and merges would move.
@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Any, Callable
 from uuid import UUID
 
-from domain.tree import MergeState, Node, NodeKind, chain_depth, children
+from domain import recovery
+from domain.memory import MemoryState
+from domain.rules import choose_merge, flatten_run, max_chain_depth
+from domain.tree import MergeState, Node, NodeKind, ancestors, chain_depth, children, logical_parent
 from domain.vm import VirtualMachine
 
 Measure = Callable[[str], int]
@@ -41,11 +44,36 @@ def merge_bytes(vm: VirtualMachine, node: Node, measure: Measure | None) -> int 
     if measure is None:
         return None
     deps = children(vm.nodes, node.id)
-    held = sum(measure(p) for p in node.layers.values())
-    if len(deps) != 1:
-        return held * len(deps)  # what `merge --force` would pull up into each dependent
-    dep_bytes = sum(measure(p) for p in deps[0].layers.values())
-    return dep_bytes if node.parent is None else min(dep_bytes, held)
+    return planned_bytes(
+        sum(measure(p) for p in node.layers.values()),
+        [sum(measure(p) for p in d.layers.values()) for d in deps],
+        root=node.parent is None,
+    )
+
+
+def next_flatten(vm: VirtualMachine, node: Node) -> dict[str, Any]:
+    """When the next flatten comes (`after_takes`), and which of the current chain's layers it
+    will copy from (`depths`, 0 = the own disk), as far as they exist now; `bytes` is filled from
+    the files (projections.read) and is what those layers hold: the flatten copies at least that."""
+    chain = [node, *ancestors(vm.nodes, node.id)]  # current first, the root last
+    depth, limit = len(chain) - 1, max_chain_depth(node.config)
+    takes = max(1, limit - depth + 1)
+    # At that take the layers below the flattened one are `takes - 1` new plain ones, then these.
+    levels = [0] * (takes - 1) + [n.level for n in chain[:-1]]
+    existing = max(0, flatten_run(levels, limit) - (takes - 1))
+    return {"after_takes": takes, "depths": list(range(depth, depth - existing, -1)), "bytes": None}
+
+
+def flatten_bytes(chain: list[list[str]], estimate: dict[str, Any], measure: Measure) -> int:
+    """`chain`: the layer files of the current state's chain, own disk first, current last."""
+    return sum(measure(p) for d in estimate["depths"] for p in chain[d])
+
+
+def planned_bytes(held: int, dependent_bytes: list[int], *, root: bool) -> int:
+    """What the merge rule (domain.rules.choose_merge) would copy; a hidden root with 2+
+    dependents cannot merge yet: what pulling it up into each would copy, for comparison."""
+    choice = choose_merge(held=held, dependent_bytes=dependent_bytes, root=root)
+    return choice.bytes if choice is not None else held * len(dependent_bytes)
 
 
 def node_json(vm: VirtualMachine, node: Node, measure: Measure | None = None) -> dict[str, Any]:
@@ -53,7 +81,9 @@ def node_json(vm: VirtualMachine, node: Node, measure: Measure | None = None) ->
         "id": str(node.id),
         "name": None if node.kind is NodeKind.CURRENT else node.name,
         "kind": node.kind.value,
-        "parent": str(node.parent) if node.parent else None,
+        "parent": _id(logical_parent(vm.nodes, node)),
+        "backing": str(node.parent) if node.parent else None,  # differs once its layer was flattened
+        "level": node.level,
         "created_at": node.created_at.isoformat().replace("+00:00", "Z"),
         "disks": dict(node.layers),
         "ready": node.ready,
@@ -62,6 +92,17 @@ def node_json(vm: VirtualMachine, node: Node, measure: Measure | None = None) ->
         out["memory"] = memory_json(node)
     if node.kind is NodeKind.CURRENT:
         out["chain_depth"] = chain_depth(vm.nodes, node.id)
+        out["max_chain_depth"] = max_chain_depth(node.config)
+        out["next_flatten"] = next_flatten(vm, node)
+        if measure is not None:
+            chain = [list(n.layers.values()) for n in [node, *ancestors(vm.nodes, node.id)]][::-1]
+            out["next_flatten"]["bytes"] = flatten_bytes(chain, out["next_flatten"], measure)
+    if node.flatten is not None:
+        out["flatten"] = {"state": MERGE_STATE_JSON[node.flatten], "bytes": node.flatten_bytes or None,
+                          "base": str(node.flatten_base) if node.flatten_base else None}
+    failed = [f for f in failures_json(vm) if f["node"] == str(node.id)]
+    if failed:
+        out["failure"] = failed[0]  # its layers could not be created: `work retry` / `work abandon`
     if node.kind is NodeKind.HIDDEN:
         out["dependents"] = len(children(vm.nodes, node.id))
         out["merge"] = {
@@ -75,15 +116,25 @@ def node_json(vm: VirtualMachine, node: Node, measure: Measure | None = None) ->
     return out
 
 
+JSON_MEMORY_STATE = {
+    MemoryState.NONE: "none",
+    MemoryState.REQUESTED: "saving",  # asked for; the save starts with the switch
+    MemoryState.SAVING: "saving",
+    MemoryState.SAVED: "saved",
+    MemoryState.FAILED: "failed",
+}
+
+
 def memory_json(node: Node) -> dict[str, Any]:
-    mem = node.memory or {}
-    state = mem.get("state", "none")
+    mem = node.memory
+    if mem is None:
+        return {"state": "none", "method": None, "bytes": None, "path": None, "pause_ms": None}
     return {
-        "state": state if state in ("none", "saving", "saved", "failed") else "none",
-        "method": mem.get("method"),
-        "bytes": mem.get("bytes"),
-        "path": mem.get("path"),
-        "pause_ms": mem.get("pause_ms"),
+        "state": JSON_MEMORY_STATE[mem.state],
+        "method": mem.method.value if mem.method is not None else None,
+        "bytes": mem.bytes,
+        "path": mem.path if mem.state is not MemoryState.NONE else None,
+        "pause_ms": mem.pause_ms,
     }
 
 
@@ -94,6 +145,12 @@ def tree_json(vm: VirtualMachine, measure: Measure | None = None) -> dict[str, A
         "current": str(vm.current),
         "nodes": [node_json(vm, n, measure) for n in nodes],
     }
+
+
+def failures_json(vm: VirtualMachine) -> list[dict[str, Any]]:
+    """Host work that failed and waits for `work retry` or `work abandon`."""
+    return [{"kind": f.kind, "node": str(f.node_id) if f.node_id else None, "paths": list(f.paths),
+             "error": f.error, "message": recovery.describe(vm, f)} for f in vm.failed.values()]
 
 
 def merges_json(
@@ -120,7 +177,13 @@ def merges_json(
 
 
 def children_map(vm: VirtualMachine) -> dict[UUID | None, list[Node]]:
+    """The tree as the user made it (a flattened node stays under the node it came from)."""
     kids: dict[UUID | None, list[Node]] = {}
     for n in sorted(vm.nodes.values(), key=lambda n: n.created_at):
-        kids.setdefault(n.parent, []).append(n)
+        up = logical_parent(vm.nodes, n)
+        kids.setdefault(up.id if up is not None else None, []).append(n)
     return kids
+
+
+def _id(node: Node | None) -> str | None:
+    return str(node.id) if node is not None else None

@@ -15,6 +15,12 @@ fi
 if [ "${SNAPTREE_SETUP_GUEST:-0}" = 1 ] && ! echo 'int main(){return 0;}' | gcc -m32 -x c -c -o /dev/null - 2>/dev/null; then
   need_apt+=(gcc-multilib)
 fi
+# The Linux test guest and the UEFI tests (tests/guest/linux/__init__.py says why each is needed).
+if [ "${SNAPTREE_SETUP_SERVERS:-0}" = 1 ] || [ "${SNAPTREE_SETUP_GUEST:-0}" = 1 ]; then
+  for pkg in $(python3 -c "import sys; sys.path.insert(0, '.'); from tests.guest.linux import HOST_PACKAGES; print(' '.join(HOST_PACKAGES))"); do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+  done
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "snaptree setup: missing Debian packages: ${need_apt[*]}" >&2

@@ -11,11 +11,16 @@ from typing import Iterator
 
 import pytest
 
-from adapters.service import Service
-from adapters.storage import DataDir
-from adapters.config import open_app
+from service.api import Service
+from service.bootstrap import open_service
 
 REQUIRED_BINARIES = ("qemu-img", "qemu-io", "qemu-system-x86_64")
+
+# New VMs default to `--accel auto`, which picks KVM wherever /dev/kvm works. On these machines
+# it opens but runs guests ~1000x slower than TCG (nested: DESIGN §4), so every test VM — and
+# every CLI or worker process a test starts, which inherits this — runs on TCG. The choice
+# itself is unit-tested (tests/test_definition.py).
+os.environ.setdefault("SNAPTREE_ACCEL", "tcg")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,8 +32,7 @@ def required_binaries() -> None:
 
 @pytest.fixture
 def service(tmp_path: Path) -> Service:
-    data = DataDir.open(tmp_path / "home")
-    return Service(data, open_app(data, environ={}), "testhost")
+    return open_service(str(tmp_path / "home"), "testhost", environ={})
 
 
 PG_BASE = {
@@ -65,7 +69,6 @@ def pg_env() -> Iterator[dict[str, str]]:
 def pg_service(tmp_path: Path, pg_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Service:
     for k, v in pg_env.items():
         monkeypatch.setenv(k, v)
-    data = DataDir.open(tmp_path / "home")
-    svc = Service(data, open_app(data), "testhost")
+    svc = open_service(str(tmp_path / "home"), "testhost")
     assert svc.app.env.get("PERSISTENCE_MODULE") == "eventsourcing.postgres"
     return svc

@@ -15,7 +15,8 @@ from pathlib import Path
 from uuid import UUID
 
 from adapters.qemu import qemu_img, qemu_io
-from adapters.service import Service
+from domain import commands as c
+from service.api import Service
 from domain.tree import NodeKind
 from domain.vm import VirtualMachine
 from domain.work import pending_work
@@ -41,7 +42,7 @@ class PatternVM:
             path = str(tmp / f"{name}-own-{i}.qcow2")
             qemu_img.create_image(path, DISK_SIZE)
             disks[f"disk{i}"] = path
-        agg = svc.create_vm(name, list(disks.values()))
+        agg = svc.handle(c.CreateVM(name, disk=tuple(disks.values()))).vm  # type: ignore[attr-defined]
         pv = cls(svc, name, dict(agg.disks))
         pv.expected[agg.current] = {d: {} for d in agg.disks}
         return pv
@@ -70,26 +71,26 @@ class PatternVM:
     def take(self, name: str, *, write: bool = True) -> UUID:
         if write:
             self.write()
-        frozen = self.svc.app.take(self.name, name)
+        frozen = self.svc.handle(c.TakeSnapshot(self.name, name), wait=False).snapshot  # type: ignore[attr-defined]
         self.settle()
         vm = self.vm
         self.expected[vm.current] = _copy(self.expected[frozen])
         return frozen
 
     def apply(self, snap: str) -> None:
-        self.svc.app.apply(self.name, snap)
+        self.svc.handle(c.ApplySnapshot(self.name, snap), wait=False)
         self._after_new_current()
 
     def revert(self) -> None:
-        self.svc.app.revert(self.name)
+        self.svc.handle(c.RevertSnapshot(self.name), wait=False)
         self._after_new_current()
 
     def delete(self, snap: str, subtree: bool = False) -> None:
-        self.svc.app.delete(self.name, snap, subtree=subtree)
+        self.svc.handle(c.DeleteSnapshot(self.name, snap, subtree=subtree), wait=False)
         self.settle()
 
     def force_merge(self, node: str) -> None:
-        self.svc.app.merge(self.name, node, force=True)
+        self.svc.handle(c.MergeNode(self.name, node, force=True), wait=False)
         self.settle()
 
     def _after_new_current(self) -> None:
@@ -100,7 +101,7 @@ class PatternVM:
         self.expected[vm.current] = _copy(self.expected[parent])
 
     def settle(self) -> None:
-        self.svc.wait(self.name)
+        self.svc.settle(self.name)
 
     # --- checks ---
 

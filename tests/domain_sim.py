@@ -16,12 +16,14 @@ state's layers. A merge moves data the way the worker does:
 
 So a test can check that no operation ever changes what a visible snapshot or the current state reads.
 
-Memory (live snapshots) is modelled as the worker does it for a running VM: creating the overlays
-of the current state whose parent's memory is being saved is the live switch (`layers_created`
-with `live={"pause_ms", "method"}`), and the memory file exists from then on; creating the overlays
-of a current state to be restored from saved memory reports `live={"restored_from": id}` (what
-`workers.live_effects.restore_into` returns); save_memory -> `vm.memory_saved`, or
-`vm.memory_save_failed` when the save never started.
+Memory (live snapshots) is modelled as the worker does it: the sim knows which node the VM's QEMU
+runs on (`running_on`, set by a RUN start item, as `vm start` asks). Creating the overlays of a
+current state whose parent is the node QEMU runs on is the live switch (`layers_created` with
+`LIVE_SWITCH`, the memory save starting with it when the take asked for memory: the memory file
+exists from then on); creating them for a VM that does not run reports `not_running` (a take's
+memory intent becomes "none"); creating the overlays of a current state to be restored from saved
+memory restarts QEMU on them (`restored_from`), and any other new current state of a running VM
+stops it. save_memory -> `vm.memory_saved`, or `vm.memory_save_failed` when the save never started.
 
 The worker is strict by default: it performs items exactly in `pending_work` order and raises
 `OutOfOrder` when an item needs layer files that no earlier item created (an overlay whose backing
@@ -35,6 +37,8 @@ import itertools
 from typing import Callable, Iterable
 from uuid import UUID
 
+from domain.lifecycle import RunAction, RunState
+from domain.memory import LiveSwitch, MemoryState, Resume, SaveMethod
 from domain.tree import MergeDirection, MergeState, Node, NodeKind, ancestors, children
 from domain.vm import VirtualMachine
 from domain.work import WorkItem, WorkKind, pending_work
@@ -55,7 +59,7 @@ def memory_path(node_id: UUID) -> str:
     return f"/data/{node_id}.state"
 
 
-LIVE_SWITCH = {"pause_ms": 7, "method": "background-snapshot"}
+LIVE_SWITCH = LiveSwitch(pause_ms=7.0, method=SaveMethod.BACKGROUND_SNAPSHOT)
 
 
 def new_vm(name: str = "vm1") -> VirtualMachine:
@@ -212,6 +216,7 @@ class Worker:
         self.creates_first = creates_first
         self.reordered = 0  # items performed out of the domain's order (see `perform`)
         self.memory_failures = 0  # memory saves that never started when their item came
+        self.running_on: UUID | None = vm.current if vm.run.state is not RunState.STOPPED else None
         self.done: list[tuple[str, UUID | None, str]] = []  # (kind, node, detail) in order
 
     def settle(self, limit: int | None = None, *, leave_running: bool = False) -> int:
@@ -270,6 +275,8 @@ class Worker:
         elif item.kind is WorkKind.SAVE_MEMORY:
             assert item.node_id is not None
             self.save_memory(vm.nodes[item.node_id])
+        elif item.kind is WorkKind.RUN:
+            self.run()
         else:  # pragma: no cover
             raise AssertionError(item)
 
@@ -300,21 +307,40 @@ class Worker:
         for path in parent.layers.values():
             assert path in self.content.files, f"backing file {path} does not exist"
         self.content.create(node.layers.values())
-        live: dict[str, object] | None = None
-        mem = node.memory or {}
-        parent_mem = parent.memory or {}
-        if mem.get("state") == "restore":
-            if parent_mem.get("state") == "saved":
-                live = {"restored_from": str(parent.id)}  # QEMU restarted from the saved memory
-        elif parent_mem.get("state") == "saving" and not parent_mem.get("started"):
-            live = dict(LIVE_SWITCH)  # the live switch: the memory save starts with it
-            self.content.memory.add(str(parent_mem["path"]))
+        live: LiveSwitch | None = None
+        parent_mem = parent.memory
+        if node.restore is not None and parent_mem is not None and parent_mem.state is MemoryState.SAVED:
+            state = RunState.PAUSED if node.restore is Resume.PAUSED else RunState.RUNNING
+            live = LiveSwitch(restored_from=parent.id, run_after=state, pid=1)  # QEMU restarted
+            self.running_on = node.id
+        elif self.running_on is not None and self.running_on == parent.id:
+            live = LIVE_SWITCH  # the live switch; a memory save the take asked for starts with it
+            if parent_mem is not None and parent_mem.state is MemoryState.REQUESTED:
+                assert parent_mem.path is not None
+                self.content.memory.add(parent_mem.path)
+            self.running_on = node.id
+        elif self.running_on is not None:  # an apply without memory: the VM ends stopped
+            live = LiveSwitch(run_after=RunState.STOPPED)
+            self.running_on = None
+        else:
+            live = LiveSwitch(not_running=True)
         self.vm.layers_created(node.id, live)
         self.done.append(("create_layers", node.id, ""))
 
+    def run(self) -> None:
+        request = self.vm.run_request
+        assert request is not None
+        if request.action is RunAction.START:
+            self.running_on = self.vm.current
+            self.vm.record_run(RunState.PAUSED if request.paused else RunState.RUNNING, 1)
+        else:
+            self.running_on = None
+            self.vm.record_run(RunState.STOPPED)
+        self.done.append(("run", None, request.action.value))
+
     def save_memory(self, node: Node) -> None:
-        mem = node.memory or {}
-        if mem.get("started"):
+        mem = node.memory
+        if mem is not None and mem.state is MemoryState.SAVING:
             self.vm.memory_saved(node.id, 1 << 20, 0.5, "0" * 64)
             self.done.append(("save_memory", node.id, "saved"))
         else:  # what the real worker reports

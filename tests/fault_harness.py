@@ -15,11 +15,17 @@ that is killed with SIGKILL at a chosen kill point:
               worker's process group and kills the whole group while it runs (big layers, so the
               run lasts);
 - ``block-job`` the worker's own QMP connection sees the block job in `query-jobs` (running or
-              ready): the group is killed with the job in flight inside QEMU.
+              ready): the group is killed with the job in flight inside QEMU. With `speed`
+              the job the worker starts is rate-limited (QEMU's `speed`, bytes/s), so that a
+              small job cannot end before it is seen; the restarted worker finishes it as is.
 
 The event/after/before/block-job points are hooks installed *in the child process only* (the
 child is `python -m tests.fault_harness child ...`, which patches the modules and then runs
-`Service.wait(vm)`); production code has no hook. They are exact where polling the event log
+`Service.settle(vm)`, the embedded worker's drain); production code has no hook. A function is
+named by module alias and attribute (`qemu_img.commit`, `live_take.live_snapshot`,
+`migration.wait_save`, `migration.restore`, `steps.Drain.save_memory`, ...: see HOOK_MODULES);
+`os.unlink` means the worker's own file removal (adapters/images.py `QcowImages.remove`), not
+every unlink of the process. They are exact where polling the event log
 from the parent would race the worker. The block job is observed from the worker's side because
 QEMU's QMP socket serves one client at a time: a parent polling `query-jobs` would hold the
 monitor the worker needs. Every kill is `os.killpg(pgid, SIGKILL)`: the worker and any qemu-img
@@ -59,6 +65,30 @@ def _die() -> None:
     os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
+# Where the functions a kill point names live (the worker reaches each through its module).
+HOOK_MODULES = {
+    "qemu_img": "adapters.qemu.qemu_img",      # create_overlay, commit, rebase_safe, rebase_unsafe
+    "live_take": "adapters.qemu.live_take",    # live_snapshot: the live switch
+    "migration": "adapters.qemu.migration",    # wait_save, restore
+    "images": "adapters.images",               # QcowImages (the Disks port)
+    "session": "adapters.qemu.session",        # LiveVM (one QEMU, one QMP connection)
+    "steps": "service.steps",                  # Drain: create_layers, save_memory, remove_files, run
+    "merging": "service.merging",              # merge, plan
+}
+
+
+def _owner(path: str) -> tuple[Any, str]:
+    """(object holding the function, attribute): `steps.Drain.save_memory` -> (Drain, ...)."""
+    import importlib
+
+    alias, _, rest = path.partition(".")
+    obj: Any = importlib.import_module(HOOK_MODULES.get(alias, alias))
+    *inner, attr = rest.split(".")
+    for name in inner:
+        obj = getattr(obj, name)
+    return obj, attr
+
+
 def _install_hook(spec: dict[str, Any], app: Any) -> None:
     kind = spec["kind"]
     nth = int(spec.get("nth", 1))
@@ -84,8 +114,8 @@ def _install_hook(spec: dict[str, Any], app: Any) -> None:
         app.save = save
     elif kind in ("after", "before"):
         owner, _, attr = spec["func"].rpartition(".")
-        if owner == "os":  # only the worker's own os.unlink (disk_effects), not every unlink
-            import workers.disk_effects as de
+        if owner == "os":  # only the worker's own os.unlink (QcowImages.remove), not every unlink
+            import adapters.images as images
 
             real_os = os
 
@@ -94,15 +124,11 @@ def _install_hook(spec: dict[str, Any], app: Any) -> None:
                     return getattr(real_os, name)
 
             proxy = _Os()
-            de.os = proxy  # type: ignore[assignment]
+            images.os = proxy  # type: ignore[assignment]
             module: Any = proxy
             orig = getattr(real_os, attr)
         else:
-            import importlib
-
-            module = importlib.import_module({"qemu_img": "adapters.qemu.qemu_img",
-                                              "live": "adapters.qemu.live",
-                                              "live_effects": "workers.live_effects"}[owner])
+            module, attr = _owner(spec["func"])
             orig = getattr(module, attr)
         if inspect.iscoroutinefunction(orig):
             async def wrapper_async(*a: Any, **k: Any) -> Any:
@@ -128,9 +154,15 @@ def _install_hook(spec: dict[str, Any], app: Any) -> None:
         from qemu.qmp import QMPClient
 
         statuses = set(spec.get("status", ["running", "ready"]))
+        speed = spec.get("speed")
         orig_exec = QMPClient.execute
 
         async def execute(self: Any, cmd: str, arguments: Any = None, **kw: Any) -> Any:
+            if speed and cmd in ("block-commit", "block-stream") and isinstance(arguments, dict):
+                # QEMU's own rate limit on the job this worker starts: a job of a few MiB on a
+                # fast disk can end within one QMP round trip, before any `query-jobs` sees it
+                # running; capped, it lasts long enough to be killed mid-way every time.
+                arguments = {**arguments, "speed": int(speed)}
             r = await orig_exec(self, cmd, arguments, **kw)
             if cmd == "query-jobs":
                 for job in r:
@@ -148,11 +180,11 @@ def _install_hook(spec: dict[str, Any], app: Any) -> None:
 def child_main(argv: list[str]) -> int:
     home, vm, host, raw = argv
     spec = json.loads(raw)
-    from adapters.service import Service
+    from service.bootstrap import open_service
 
-    svc = Service.open(home, host)
+    svc = open_service(home, host)
     _install_hook(spec, svc.app)
-    svc.wait(vm)
+    svc.settle(vm)
     return 0  # the kill point was never reached
 
 
@@ -320,10 +352,9 @@ class Model:
 
     def fresh(self) -> Any:
         """A service on a freshly opened application: nothing cached from before the kill."""
-        from adapters.config import open_app
-        from adapters.service import Service
+        from service.bootstrap import open_service
 
-        self.svc = Service(self.svc.data, open_app(self.svc.data, environ={}), self.svc.host)
+        self.svc = open_service(str(self.svc.data.root), self.svc.host, environ={})
         return self.svc
 
     @property
@@ -331,7 +362,8 @@ class Model:
         return self.svc.app.get_vm(self.name)
 
     def write(self, nbytes: int = SLOT) -> int:
-        from adapters.qemu import live, qemu_io
+        from adapters.qemu import qemu_io
+        from tests.guest import probe
 
         vm = self.vm
         pattern = self.next_pattern
@@ -343,7 +375,7 @@ class Model:
         if self.live:
             async def go(m: Any) -> None:
                 for disk in node.layers:
-                    await live.qemu_io(m, disk, f"write -P {pattern:#x} {slot * SLOT} {nbytes}",
+                    await probe.qemu_io(m, disk, f"write -P {pattern:#x} {slot * SLOT} {nbytes}",
                                        timeout=30)
             self.on_vm(go)
         else:
@@ -356,9 +388,22 @@ class Model:
         return pattern
 
     def on_vm(self, fn: Callable[[Any], Any]) -> Any:
+        """`fn(m)` on the raw QMP machine of the running VM (test I/O through its devices)."""
+        from adapters.machines import QemuMachines, machine_config
+        from adapters.qemu.machine import QemuMachine
+
+        vm = self.svc.app.get_vm(self.name)
+        node = vm.nodes[vm.current]
+
         async def go() -> Any:
-            async with self.svc.runtime.attached(self.svc.app.get_vm(self.name)) as m:
+            m = QemuMachine(QemuMachines(self.svc.data).run_dir(vm.name), machine_config(node.config),
+                            dict(node.layers))
+            await m.attach()
+            try:
+                await m.query_status()
                 return await fn(m)
+            finally:
+                await m.detach()
 
         return asyncio.run(go())
 
@@ -375,7 +420,7 @@ class Model:
     # --- checks (each returns a list of problems; empty = pass) ---
 
     def check_patterns(self) -> list[str]:
-        from adapters.qemu import live, qemu_io
+        from tests.guest import probe
         from domain.tree import NodeKind
 
         vm = self.vm
@@ -395,7 +440,7 @@ class Model:
                     if node.id == vm.current and self.live:
                         async def go(m: Any, disk: str = disk, off: int = off, ln: int = ln,
                                      want: int = want) -> None:
-                            await live.qemu_io(m, disk, f"read -P {want:#x} {off} {ln}", timeout=30)
+                            await probe.qemu_io(m, disk, f"read -P {want:#x} {off} {ln}", timeout=30)
                         try:
                             self.on_vm(go)
                         except Exception as exc:  # noqa: BLE001
@@ -481,8 +526,9 @@ class PointResult:
 def exercise(model: Model, scenario: str, point: str, spec: dict[str, Any], note_dir: Path,
              post: Callable[[Model], None] | None = None) -> PointResult:
     """Run the worker with the kill point armed, restart it, let it drain, then check everything."""
-    from adapters.audit_verify import verify
+    from domain import commands as c
     from domain.work import pending_work
+    from service.verify import verify
 
     res = PointResult(scenario, point)
     t0 = time.monotonic()
@@ -505,7 +551,7 @@ def exercise(model: Model, scenario: str, point: str, spec: dict[str, Any], note
         res.problems.append(f"work left after the restarted worker: {left}")
     elif post is not None:
         post(model)  # what the command changed (a take's or an apply's new current state)
-    report = verify(model.svc.app, model.svc.data, model.name)
+    report = verify(model.svc.app, model.svc.data, model.name, deep=True)  # leaks too
     res.verify = "clean" if report.clean else "FAIL"
     res.problems += [f"verify: {f.line()}" for f in report.findings]
     pat = model.check_patterns()
@@ -515,7 +561,7 @@ def exercise(model: Model, scenario: str, point: str, spec: dict[str, Any], note
     res.files = "none" if not files else "FAIL"
     res.problems += [f"files: {p}" for p in files]
     if model.live:
-        state = model.svc.status(model.name)["state"]
+        state = model.svc.handle(c.GetVMStatus(model.name)).json()["state"]
         res.vm_alive = state
         if state not in ("running", "paused"):
             res.problems.append(f"live VM is {state}")

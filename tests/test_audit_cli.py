@@ -94,6 +94,8 @@ def strip_bytes(tree: dict[str, Any]) -> dict[str, Any]:
     for n in tree["nodes"]:
         if "merge" in n and "direction" not in n["merge"]:
             n["merge"]["bytes"] = None
+        if "next_flatten" in n:
+            n["next_flatten"]["bytes"] = None
     return tree
 
 

@@ -15,7 +15,7 @@ from uuid import uuid4
 
 import pytest
 
-from adapters.audit_verify import (
+from service.verify import (
     CHECK_ERROR,
     CORRUPT,
     HIDDEN_NODE,
@@ -33,7 +33,9 @@ from adapters.audit_verify import (
     verify_vm,
 )
 from adapters.qemu import qemu_img
-from adapters.service import Service
+from domain import commands as c
+from domain.memory import Memory, MemoryState, SaveMethod
+from service.api import Service
 from domain.tree import MergeState, Node, NodeKind
 from domain.vm import VirtualMachine
 from tests.disk_harness import PatternVM
@@ -148,7 +150,7 @@ def test_leftover_temp_file_of_a_crashed_overlay_creation_is_an_orphan(pv: Patte
 
 def test_files_pending_removal_and_overlays_being_created_are_notes(pv: PatternVM) -> None:
     old = pv.vm.nodes[pv.vm.current].layers["disk0"]
-    pv.svc.app.apply(pv.name, "C")  # no wait: the old current is garbage, the new not created
+    pv.svc.handle(c.ApplySnapshot(pv.name, "C"), wait=False)  # no wait: the old current is garbage, the new not created
     vm = pv.vm
     Path(f"{vm.nodes[vm.current].layers['disk0']}.tmp-{os.getpid()}").write_bytes(b"")
     rep = report(pv)
@@ -232,21 +234,22 @@ def with_state(pv: PatternVM, name: str, **memory: Any) -> tuple[VirtualMachine,
     path = Path(pv.svc.data.state_path(pv.name, node.id))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(os.urandom(64 * 1024))
-    node.memory = {"state": "saved", "method": "background-snapshot", "path": str(path),
-                   "bytes": 64 * 1024, **memory}
+    node.memory = Memory(MemoryState.SAVED, path=str(path), method=SaveMethod.BACKGROUND_SNAPSHOT,
+                         bytes=64 * 1024, **memory)
     return vm, path
 
 
 def test_state_file_is_known_and_clean(pv: PatternVM) -> None:
     vm, path = with_state(pv, "C")
-    vm.nodes[vm.resolve_snapshot("C").id].memory["sha256"] = sha256_file(str(path))  # type: ignore[index]
+    node = vm.nodes[vm.resolve_snapshot("C").id]
+    node.memory = node.memory.but(sha256=sha256_file(str(path)))  # type: ignore[union-attr]
     assert verify_vm(vm, pv.svc.data).clean
 
 
 def test_truncated_state_file_changes_its_digest(pv: PatternVM) -> None:
     vm, path = with_state(pv, "C")
     c = vm.resolve_snapshot("C")
-    c.memory["sha256"] = sha256_file(str(path))  # type: ignore[index]
+    c.memory = c.memory.but(sha256=sha256_file(str(path)))  # type: ignore[union-attr]
     os.truncate(path, 1000)
     rep = verify_vm(vm, pv.svc.data)
     assert [(f.kind, f.node, f.path) for f in rep.findings] == [(STATE_CHANGED, str(c.id), str(path))]
@@ -277,7 +280,7 @@ def test_state_check_on_a_synthetic_node(tmp_path: Path) -> None:
     with open(state, "r+b") as f:
         f.write(b"M")  # same size, one byte changed
     assert [f.kind for f in check_memory(node)] == [STATE_CHANGED]
-    node.memory = {"state": "saving", "path": str(state)}  # still being written: not checked
+    node.memory = Memory(MemoryState.SAVING, path=str(state))  # still being written: not checked
     assert check_memory(node) == []
 
 

@@ -14,9 +14,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from adapters.config import open_app
-from adapters.service import Service
-from adapters.storage import DataDir
+from domain import commands as c
+from service.bootstrap import open_service
 from domain.errors import Refused
 from domain.tree import NodeKind
 from tests.disk_harness import SLOT, PatternVM
@@ -28,8 +27,7 @@ class RealTree(RuleBasedStateMachine):
     @initialize()
     def start(self) -> None:
         self.tmp = tempfile.TemporaryDirectory()
-        data = DataDir.open(Path(self.tmp.name) / "home")
-        svc = Service(data, open_app(data, environ={}), "testhost")
+        svc = open_service(str(Path(self.tmp.name) / "home"), "testhost", environ={})
         self.pv = PatternVM.create(svc, Path(self.tmp.name), ndisks=1)
 
     def teardown(self) -> None:
@@ -64,7 +62,7 @@ class RealTree(RuleBasedStateMachine):
     @precondition(lambda self: self.snapshots())
     @rule(data=st.data())
     def rename(self, data: st.DataObject) -> None:
-        self.pv.svc.app.rename(self.pv.name, data.draw(st.sampled_from(self.snapshots())), f"r{next(names)}")
+        self.pv.svc.handle(c.RenameSnapshot(self.pv.name, data.draw(st.sampled_from(self.snapshots())), f"r{next(names)}"))
 
     @rule()
     def revert(self) -> None:

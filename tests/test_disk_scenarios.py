@@ -1,4 +1,4 @@
-"""DESIGN §1 on real qcow2 files: every rule and cascade, byte patterns checked after each step."""
+"""docs/semantics.md on real qcow2 files: every rule and cascade, byte patterns checked after each step."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from adapters.qemu import qemu_img
-from adapters.service import Service
+from domain import commands as c
+from service import merging
+from service.api import Service
+from service.steps import Drain
 from domain.errors import Refused
 from domain.tree import MergeState, NodeKind
 from tests.disk_harness import SLOT, PatternVM
@@ -181,7 +184,7 @@ def test_revert_skips_hidden_nodes(pv: PatternVM) -> None:
 
 def test_revert_without_a_visible_snapshot_above_is_refused(pv: PatternVM) -> None:
     with pytest.raises(Refused):
-        pv.svc.app.revert(pv.name)
+        pv.svc.handle(c.RevertSnapshot(pv.name))
     pv.take("A")
     pv.take("B")
     pv.apply("A")
@@ -189,7 +192,7 @@ def test_revert_without_a_visible_snapshot_above_is_refused(pv: PatternVM) -> No
     pv.delete("A")  # A hidden (2 dependents), the current sits on C
     pv.delete("C")  # C merges into the current; above it only hidden A
     with pytest.raises(Refused):
-        pv.svc.app.revert(pv.name)
+        pv.svc.handle(c.RevertSnapshot(pv.name))
     pv.check()
 
 
@@ -216,7 +219,7 @@ def test_forced_merge_of_the_own_disk_is_refused(pv: PatternVM) -> None:
     pv.apply("A")
     pv.delete("A")
     with pytest.raises(Refused):
-        pv.svc.app.merge(pv.name, "A", force=True)
+        pv.svc.handle(c.MergeNode(pv.name, "A", force=True))
     pv.check()
 
 
@@ -238,12 +241,12 @@ def test_rerunning_a_merge_after_a_crash_mid_way_ends_in_the_same_files(pv: Patt
     pv.take("B")
     pv.write()
     b = pv.vm.resolve_snapshot("B")
-    pv.svc.app.delete(pv.name, "B")
-    worker = pv.svc.worker()
+    pv.svc.handle(c.DeleteSnapshot(pv.name, "B"), wait=False)
     vm = pv.vm
     hidden = vm.nodes[b.id]
     # Crash 1: after the plan was recorded and the commit ran, before anything was reported.
-    worker.effects._record_plan(vm, hidden)
+    drain = Drain(pv.svc.worker(), vm)
+    drain.report(merging.plan(drain, hidden))
     vm = pv.vm
     dep = vm.nodes[vm.current]
     for disk in hidden.layers:

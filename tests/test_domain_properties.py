@@ -1,4 +1,4 @@
-"""Property tests of the pure domain: random command sequences against every invariant of DESIGN §1.
+"""Property tests of the pure domain: random command sequences against every invariant of docs/semantics.md.
 
 A hypothesis state machine drives one `VirtualMachine` aggregate with take (disks only or live,
 with memory) / apply / delete / delete --subtree / rename / revert / merge [--force] / guest writes,
@@ -31,6 +31,8 @@ from hypothesis.stateful import (
 )
 
 from adapters.transcoder import packb, unpackb
+from domain.lifecycle import RunAction
+from domain.memory import MemoryState
 from domain.errors import Conflict, NameTaken, Refused, UnknownSnapshot
 from domain.tree import MergeState, Node, NodeKind, ancestors, chain_depth, children
 from domain.vm import VirtualMachine
@@ -187,12 +189,23 @@ class SnapshotTree(RuleBasedStateMachine):
     # commands
 
     def restoring(self) -> bool:
-        return (self.vm.nodes[self.vm.current].memory or {}).get("state") == "restore"
+        return self.vm.nodes[self.vm.current].restore is not None
 
     def switch_outstanding(self) -> bool:
-        """A live take whose switch to the new overlay has not happened yet."""
-        return any((n.memory or {}).get("state") == "saving" and not (n.memory or {}).get("started")
-                   for n in self.vm.nodes.values())
+        """A take of a VM that may run whose switch to the new overlay has not happened yet."""
+        current = self.vm.nodes[self.vm.current]
+        return not current.ready and current.parent is not None and self.vm.may_run()
+
+    @rule(paused=st.booleans())
+    def start(self, paused: bool) -> None:
+        """`vm start`: the worker starts QEMU on the current state (after the work before it)."""
+        self.vm.request_run(RunAction.START, paused=paused)
+        self.done()
+
+    @rule()
+    def stop(self) -> None:
+        self.vm.request_run(RunAction.STOP)
+        self.done()
 
     @rule(name=st.one_of(NAMES, st.none()), live=st.booleans())
     def take(self, name: str | None, live: bool = False) -> None:
@@ -421,12 +434,12 @@ class SnapshotTree(RuleBasedStateMachine):
         assert not set(vm.garbage) & set(OWN_DISKS.values()), "the own disks are never garbage"
         existing = self.content.existing()
         assert existing <= set(paths) | set(vm.garbage), "no orphan file"
-        states = [str(n.memory["path"]) for n in vm.nodes.values() if n.memory and n.memory.get("path")]
+        states = [n.memory.path for n in vm.nodes.values() if n.memory is not None and n.memory.path]
         assert len(states) == len(set(states)), "a memory file belongs to exactly one snapshot"
         assert not set(states) & set(paths)
         for n in vm.nodes.values():
             if n.kind is not NodeKind.SNAPSHOT:
-                assert not (n.memory or {}).get("path"), "only snapshots own a memory file"
+                assert n.memory is None or n.memory.path is None, "only snapshots own a memory file"
         assert self.content.memory <= set(states) | set(vm.garbage), "no orphan memory file"
         for n in vm.nodes.values():
             layers = set(n.layers.values())
@@ -460,7 +473,8 @@ class SnapshotTree(RuleBasedStateMachine):
         assert chain_depth(nodes, vm.current) == visible + hidden2
         assert vm.garbage == {}
         assert self.content.existing() == {p for n in nodes.values() for p in n.layers.values()}
-        saved = {str(n.memory["path"]) for n in nodes.values() if (n.memory or {}).get("state") == "saved"}
+        saved = {n.memory.path for n in nodes.values()
+                 if n.memory is not None and n.memory.state is MemoryState.SAVED}
         assert self.content.memory == saved, "idle: a memory file for each saved snapshot, no other"
         assert self.worker.memory_failures == 0
         if not any(n.kind is NodeKind.SNAPSHOT for n in nodes.values()) and not self.hidden:

@@ -1,4 +1,4 @@
-"""DESIGN §1 as scenarios, on the pure aggregate (no store) with the simulated worker of domain_sim.
+"""docs/semantics.md as scenarios, on the pure aggregate (no store) with the simulated worker of domain_sim.
 
 Each test names the rule it checks. Besides the tree, every test that moves data checks with the
 content model that no visible snapshot and no current state reads anything different afterwards.
@@ -13,6 +13,8 @@ from uuid import UUID
 import pytest
 
 from domain.errors import Conflict, InvalidName, NameTaken, Refused, UnknownSnapshot
+from domain.lifecycle import RunAction, RunState
+from domain.memory import Memory, MemoryState, Resume
 from domain.tree import MergeDirection, MergeState, NodeKind, chain_depth
 from domain.vm import VirtualMachine
 from domain.work import WorkKind, is_idle, pending_work
@@ -59,6 +61,9 @@ class World:
 
     def take_live(self, name: str) -> UUID:
         """A snapshot of the running VM: its memory is saved to a state file while it runs."""
+        if self.w.running_on is None:
+            self.vm.request_run(RunAction.START)  # `vm start`, and its worker starts QEMU
+            self.w.settle()
         return self.vm.take_snapshot(name, layer_paths, memory_path(self.vm.current))
 
     def write(self, disk: str = "disk0", offset: int | None = None) -> str:
@@ -771,13 +776,13 @@ def test_live_take_saves_the_memory_after_the_switch(world: World) -> None:
     vm = world.vm
     sid = world.take_live("s1")
     mem = vm.nodes[sid].memory
-    assert mem is not None and mem["state"] == "saving" and mem["path"] == memory_path(sid)
+    assert mem is not None and mem.state is MemoryState.REQUESTED and mem.path == memory_path(sid)
     kinds = [i.kind for i in pending_work(vm)]
     assert kinds == [WorkKind.CREATE_LAYERS, WorkKind.SAVE_MEMORY]  # the save starts with the switch
     world.settle()
     mem = vm.nodes[sid].memory
-    assert mem["state"] == "saved" and mem["method"] == LIVE_SWITCH["method"]
-    assert mem["pause_ms"] == LIVE_SWITCH["pause_ms"]
+    assert mem is not None and mem.state is MemoryState.SAVED and mem.method == LIVE_SWITCH.method
+    assert mem.pause_ms == LIVE_SWITCH.pause_ms
     assert world.content.memory == {memory_path(sid)}
 
 
@@ -810,12 +815,13 @@ def test_apply_of_a_snapshot_with_saved_memory_restores_it(world: World) -> None
     sid = world.take_live("s1")
     world.take_settled("s2")
     new_id = vm.apply_snapshot("s1", layer_paths, paused=True)
-    assert vm.nodes[new_id].memory == {"state": "restore", "resume": "paused"}
+    assert vm.nodes[new_id].restore is Resume.PAUSED and vm.nodes[new_id].memory is None
     # a snapshot of a state that is still being restored is refused until the worker is done
     assert_refused_untouched(vm, Conflict, lambda: world.take("s3"))
     world.settle()
     assert vm.nodes[new_id].memory is None  # restored: the current state owns no memory file
-    assert vm.nodes[sid].memory["state"] == "saved"
+    assert vm.nodes[new_id].restore is None
+    assert vm.nodes[sid].memory is not None and vm.nodes[sid].memory.state is MemoryState.SAVED
     world.take("s3")
 
 
@@ -834,14 +840,15 @@ def test_apply_of_a_snapshot_whose_memory_is_still_being_saved(world: World) -> 
     vm = world.vm
     sid = world.take_live("s1")
     world.w.settle(1)  # switched; the memory save runs
-    assert vm.nodes[sid].memory["state"] == "saving" and vm.nodes[sid].memory["started"]
-    assert_refused_untouched(
-        vm, Conflict, lambda: vm.apply_snapshot("s1", layer_paths, wait_for_memory=False)
-    )
-    new_id = world.apply("s1")  # applied once the save ends
-    assert vm.nodes[new_id].memory == {"state": "restore", "resume": "running"}
+    mem = vm.nodes[sid].memory
+    assert mem is not None and mem.state is MemoryState.SAVING
+    new_id = world.apply("s1")  # recorded now, restored once the save ends (work runs in order)
+    assert vm.nodes[new_id].restore is Resume.RUNNING
+    kinds = [i.kind for i in pending_work(vm)]
+    assert kinds.index(WorkKind.SAVE_MEMORY) < kinds.index(WorkKind.CREATE_LAYERS)
     world.settle()
-    assert vm.nodes[sid].memory["state"] == "saved" and vm.nodes[new_id].memory is None
+    mem = vm.nodes[sid].memory
+    assert mem is not None and mem.state is MemoryState.SAVED and vm.nodes[new_id].restore is None
 
 
 def test_a_failed_memory_save_leaves_a_disk_only_snapshot(world: World) -> None:
@@ -849,7 +856,8 @@ def test_a_failed_memory_save_leaves_a_disk_only_snapshot(world: World) -> None:
     sid = world.take_live("s1")
     world.w.settle(1)
     vm.memory_save_failed(sid, "no space left")
-    assert vm.nodes[sid].memory["state"] == "failed"
+    mem = vm.nodes[sid].memory
+    assert mem is not None and mem.state is MemoryState.FAILED and mem.error == "no space left"
     assert memory_path(sid) in vm.garbage
     world.settle()
     assert world.content.memory == set()
@@ -879,7 +887,7 @@ def test_applying_a_snapshot_never_changes_its_record(world: World) -> None:
     sid = world.take_live("s1")
     world.settle()
     before = copy.deepcopy(vm.nodes[sid])
-    assert before.memory["pause_ms"] == LIVE_SWITCH["pause_ms"]
+    assert before.memory is not None and before.memory.pause_ms == LIVE_SWITCH.pause_ms
     world.apply("s1")
     world.settle()  # the worker restores the VM from S's memory
     assert vm.nodes[sid] == before
@@ -949,7 +957,7 @@ def test_forced_pull_up_gives_a_scheduled_parent_two_dependents_and_it_waits_aga
     w.settle(1)  # B's forced merge: C and the current state now sit on A
     assert b not in vm.nodes and len(deps(vm, a)) == 2
     assert "MergeDeferred" in [type(e).__name__ for e in vm.collect_events()]
-    assert vm.nodes[a].merge_state is MergeState.PENDING  # DESIGN §1: 2+ dependents wait
+    assert vm.nodes[a].merge_state is MergeState.PENDING  # docs/semantics.md: 2+ dependents wait
     w.settle()  # nothing can get stuck: A is not merged into two dependents unforced
     assert is_idle(vm) and vm.nodes[a].merge_state is MergeState.PENDING
 

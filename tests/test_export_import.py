@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 
 from adapters import bundle
-from adapters.audit_verify import verify
-from adapters.cli_bundle import BIG, progress_printer
-from adapters.config import open_app
-from adapters.service import Service
-from adapters.storage import DataDir
+from adapters.cli.bundle import BIG, progress_printer
+from adapters.qemu import qemu_img
 from adapters.transcoder import unpackb
+from domain import commands as c
+from domain.memory import LiveSwitch, SaveMethod
+from service import bootstrap
+from service.api import Service
+from service.verify import verify
 from domain.tree import NodeKind
 from domain.vm import VirtualMachine
 from tests.disk_harness import SLOT, PatternVM
@@ -51,8 +53,7 @@ def ok_json(home: Path, *args: str) -> Any:
 
 
 def open_service(home: Path) -> Service:
-    data = DataDir.open(home)
-    return Service(data, open_app(data, environ={}), "testhost")
+    return bootstrap.open_service(str(home), "testhost", environ={})
 
 
 def listing(home: Path) -> set[str]:
@@ -260,7 +261,7 @@ def test_hostile_member_is_refused_before_anything_is_written(
 
 
 def test_export_waits_for_the_worker(source: PatternVM, tmp_path: Path) -> None:
-    source.svc.app.take("vm", "queued")  # recorded, overlay not created yet
+    source.svc.handle(c.TakeSnapshot("vm", "queued"), wait=False)  # recorded, overlay not created yet
     out = tmp_path / "x.bundle"
     res = run_cli(source.svc.data.root, "vm", "export", "vm", str(out), "--json")
     assert res.returncode == 2
@@ -296,18 +297,27 @@ def test_progress_is_a_percentage_per_large_file(capsys: pytest.CaptureFixture[s
     show("layers/big", BIG, BIG)
     err = capsys.readouterr().err
     assert "layers/x" not in err and "100%" in err
-    assert progress_printer(False) is bundle.quiet
+    show = progress_printer(False)
+    show("layers/big", BIG, BIG)
+    assert capsys.readouterr().err == ""
 
 
 def with_saved_memory(pv: PatternVM, name: str) -> Path:
-    """Snapshot `name` with a saved memory state, as a live snapshot records it; the file stands
-    in for what QEMU writes (the worker is not asked: the VM does not run)."""
+    """Snapshot `name` with a saved memory state, as a live snapshot records it: what the worker
+    of a running VM reports, with a file standing in for what QEMU writes (the VM does not run)."""
     pv.write()
-    frozen = pv.svc.app.take(pv.name, name, with_memory=True)
-    state = Path(pv.svc.data.state_path(pv.name, frozen))
+    svc = pv.svc
+    taken = svc.handle(c.TakeSnapshot(pv.name, name), wait=False)
+    frozen = taken.snapshot  # type: ignore[attr-defined]
+    vm = svc.app.get_vm(pv.name)
+    for disk, path in vm.nodes[vm.current].layers.items():
+        qemu_img.create_overlay(path, vm.nodes[frozen].layers[disk])
+    switched = LiveSwitch(pause_ms=5.0, method=SaveMethod.BACKGROUND_SNAPSHOT)
+    svc.app.decide(c.RecordLayersCreated(pv.name, vm.current, switched))
+    state = Path(svc.data.state_path(pv.name, frozen))
     state.parent.mkdir(parents=True, exist_ok=True)
     state.write_bytes(os.urandom(300_000))
-    pv.svc.app.memory_saved(pv.name, frozen, 300_000, 0.1, sha256(state))
+    svc.app.decide(c.RecordMemorySaved(pv.name, frozen, 300_000, 0.1, sha256(state)))
     pv.settle()
     vm = pv.vm
     pv.expected[vm.current] = copy.deepcopy(pv.expected[frozen])
@@ -323,11 +333,11 @@ def test_memory_state_travels_and_keeps_its_digest(source: PatternVM, tmp_path: 
     svc_b = open_service(home_b)
     node = svc_b.app.get_vm("moved").resolve_snapshot("live")
     mem = node.memory
-    assert mem is not None and mem["path"] == svc_b.data.state_path("moved", node.id)
-    assert mem["sha256"] == sha256(state) == sha256(str(mem["path"]))
+    assert mem is not None and mem.path == svc_b.data.state_path("moved", node.id)
+    assert mem.sha256 == sha256(state) == sha256(mem.path)
     assert verify(svc_b.app, svc_b.data, "moved").clean
     imported_checker(source, svc_b, "moved").check()
-    os.truncate(str(mem["path"]), 1000)
+    os.truncate(mem.path, 1000)
     res = run_cli(home_b, "audit", "verify", "moved", "--json")
     assert res.returncode == 1
     assert [f["kind"] for f in json.loads(res.stdout)["findings"]] == ["state_changed"]
@@ -346,7 +356,7 @@ def test_export_refuses_a_changed_memory_state(source: PatternVM, tmp_path: Path
 def test_a_failure_after_the_files_are_in_place_removes_them(
     shared_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adapters.vm_import import import_vm
+    from service.import_bundle import import_vm
 
     svc = open_service(tmp_path / "home-b")
     before = listing(svc.data.root)

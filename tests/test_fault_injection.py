@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,11 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from adapters.config import open_app
 from adapters.qemu import qemu_img
-from adapters.service import Service
-from adapters.storage import DataDir
+from domain import commands as c
 from domain.tree import NodeKind
+from service.api import Service
+from service.bootstrap import open_service
 from tests.fault_harness import SLOT, Model, PointResult, exercise, table
 from tests.guest import build as guest_build
 
@@ -49,8 +50,7 @@ def kernel(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def new_service(tmp: Path) -> Service:
-    data = DataDir.open(tmp / "home")
-    return Service(data, open_app(data, environ={}), "faulthost")
+    return open_service(str(tmp / "home"), "faulthost", environ={})
 
 
 def stopped_vm(tmp: Path, size: int = 256 * MiB) -> Model:
@@ -60,7 +60,7 @@ def stopped_vm(tmp: Path, size: int = 256 * MiB) -> Model:
         path = str(tmp / f"own-{i}.qcow2")
         qemu_img.create_image(path, size)
         disks.append(f"disk{i}={path}")
-    agg = svc.create_vm("vm", disks)
+    agg = svc.handle(c.CreateVM("vm", disk=tuple(disks))).vm  # type: ignore[attr-defined]
     model = Model(svc, "vm")
     model.expected[agg.current] = {d: {} for d in agg.disks}
     return model
@@ -73,8 +73,9 @@ def live_vm(tmp: Path, kernel: str) -> Model:
         path = str(tmp / f"live-{d}.qcow2")
         qemu_img.create_image(path, 64 * MiB)
         disks.append(f"{d}={path}")
-    agg = svc.create_vm("vm", disks, config={"memory_mib": 64, "cpus": 1, "kernel": kernel})
-    svc.start_vm("vm")
+    agg = svc.handle(c.CreateVM("vm", disk=tuple(disks), memory=64, cpus=1, kernel=kernel)).vm  # type: ignore[attr-defined]
+    status = svc.handle(c.StartVM("vm")).json()  # recorded, and performed here (waits)
+    assert status["state"] == "running", status
     model = Model(svc, "vm", live=True)
     model.expected[agg.current] = {d: {} for d in agg.disks}
     return model
@@ -84,15 +85,24 @@ def take(m: Model, name: str, nbytes: int = SLOT, *, memory: bool = False) -> No
     """A snapshot taken and settled in-process (set-up, not under test)."""
     if nbytes:
         m.write(nbytes)
-    m.svc.take(m.name, name, memory=memory)
-    m.svc.wait(m.name)
+    record(m, c.TakeSnapshot(m.name, name, memory=memory))
+    m.svc.settle(m.name)
     m.after_new_current()
 
 
 def apply(m: Model, name: str) -> None:
-    m.svc.app.apply(m.name, name)
-    m.svc.wait(m.name)
+    record(m, c.ApplySnapshot(m.name, name))
+    m.svc.settle(m.name)
     m.after_new_current()
+
+
+def record(m: Model, cmd: c.Command) -> None:
+    """Record a command only: its host work is left to the worker (the one under test)."""
+    m.svc.handle(cmd, wait=False)
+
+
+def delete(m: Model, name: str) -> None:
+    record(m, c.DeleteSnapshot(m.name, name))
 
 
 def hidden_id(m: Model) -> str:
@@ -152,8 +162,8 @@ def _forced_setup(m: Model) -> None:
     take(m, "C")
     apply(m, "B")
     m.write()
-    m.svc.app.delete(m.name, "B")
-    m.svc.wait(m.name)
+    delete(m, "B")
+    m.svc.settle(m.name)
 
 
 def _live_take_setup(m: Model) -> None:
@@ -182,42 +192,59 @@ def _live_apply_setup(m: Model) -> None:
     m.write()
 
 
+def _flatten_setup(b_bytes: int) -> Callable[[Model], None]:
+    """max_chain_depth 2; own(A) <- B <- current: the next take T makes the chain 3 deep, so
+    T's layer is flattened onto A's (B's data copied into it)."""
+
+    def setup(m: Model) -> None:
+        m.svc.handle(c.SetVM(m.name, max_chain_depth=2))
+        take(m, "A")
+        take(m, "B", b_bytes)
+        m.write()
+
+    return setup
+
+
 def _op_take(m: Model) -> None:
-    m.svc.take(m.name, "T")
+    record(m, c.TakeSnapshot(m.name, "T"))  # memory asked for (the default): the VM is stopped
 
 
 def _op_take_memory(m: Model) -> None:
-    m.svc.take(m.name, "T", memory=True)
+    record(m, c.TakeSnapshot(m.name, "T", memory=True))
 
 
 SCENARIOS = {s.name: s for s in [
     Scenario("take (stopped)", False, _take_setup, _op_take, Model.after_new_current),
-    Scenario("apply (stopped)", False, _apply_setup, lambda m: m.svc.app.apply(m.name, "A"),
+    Scenario("apply (stopped)", False, _apply_setup, lambda m: record(m, c.ApplySnapshot(m.name, "A")),
              Model.after_new_current),
-    Scenario("delete, 0 dependents", False, _delete0_setup, lambda m: m.svc.app.delete(m.name, "B")),
+    Scenario("delete, 0 dependents", False, _delete0_setup, lambda m: delete(m, "B")),
     Scenario("delete, 1 dep, commit down", False, _chain_setup(4 * SLOT, SLOT),
-             lambda m: m.svc.app.delete(m.name, "B")),
+             lambda m: delete(m, "B")),
     Scenario("delete, 1 dep, pull up", False, _chain_setup(SLOT, 4 * SLOT),
-             lambda m: m.svc.app.delete(m.name, "B")),
+             lambda m: delete(m, "B")),
     Scenario("forced merge, 2 deps", False, _forced_setup,
-             lambda m: m.svc.app.merge(m.name, hidden_id(m), force=True)),
+             lambda m: record(m, c.MergeNode(m.name, hidden_id(m), force=True))),
     Scenario("big commit down (64 MiB)", False, _chain_setup(64 * MiB, 32 * MiB),
-             lambda m: m.svc.app.delete(m.name, "B")),
+             lambda m: delete(m, "B")),
     Scenario("big pull up (32 MiB)", False, _chain_setup(32 * MiB, 64 * MiB),
-             lambda m: m.svc.app.delete(m.name, "B")),
+             lambda m: delete(m, "B")),
+    Scenario("take that flattens (stopped)", False, _flatten_setup(SLOT), _op_take, Model.after_new_current),
+    Scenario("big flatten (32 MiB)", False, _flatten_setup(32 * MiB), _op_take, Model.after_new_current),
+    Scenario("take that flattens (running)", True, _flatten_setup(4 * MiB),
+             lambda m: record(m, c.TakeSnapshot(m.name, "T", memory=False)), Model.after_new_current),
     Scenario("live take + memory", True, _live_take_setup, _op_take_memory, Model.after_new_current),
     Scenario("live apply from memory", True, _live_apply_setup,
-             lambda m: m.svc.app.apply(m.name, "S"), Model.after_new_current),
+             lambda m: record(m, c.ApplySnapshot(m.name, "S")), Model.after_new_current),
     Scenario("online commit into own disk", True, _live_chain_setup(16 * MiB, SLOT, root=True),
-             lambda m: m.svc.app.delete(m.name, "A")),
+             lambda m: delete(m, "A")),
     Scenario("online commit (active)", True, _live_chain_setup(16 * MiB, SLOT),
-             lambda m: m.svc.app.delete(m.name, "A")),
+             lambda m: delete(m, "A")),
     Scenario("online pull up (stream)", True, _live_chain_setup(4 * MiB, 16 * MiB),
-             lambda m: m.svc.app.delete(m.name, "A")),
+             lambda m: delete(m, "A")),
     Scenario("online commit (intermediate)", True, _live_chain_setup(16 * MiB, SLOT, middle=4 * MiB),
-             lambda m: m.svc.app.delete(m.name, "A")),
+             lambda m: delete(m, "A")),
     Scenario("online pull up (intermediate)", True, _live_chain_setup(4 * MiB, SLOT, middle=16 * MiB),
-             lambda m: m.svc.app.delete(m.name, "A")),
+             lambda m: delete(m, "A")),
 ]}
 
 
@@ -230,6 +257,9 @@ def after(func: str, nth: int = 1) -> dict[str, Any]:
 
 
 CONCLUDED = {"kind": "block-job", "status": ["concluded"]}
+# Killed while the job runs: capped at 4 MiB/s, the worker's job (4 MiB to move at most) lasts
+# about a second, so the first `query-jobs` finds it running (uncapped it may end first).
+MID_JOB = {"kind": "block-job", "speed": 4 * MiB}
 
 # (scenario, kill point label, spec)
 POINTS: list[tuple[str, str, dict[str, Any]]] = [
@@ -256,21 +286,30 @@ POINTS: list[tuple[str, str, dict[str, Any]]] = [
     ("big pull up (32 MiB)", "mid qemu-img rebase", {"kind": "qemu-img", "op": "rebase", "delay": 0.02}),
     ("big pull up (32 MiB)", "qemu-img rebase: header rewritten, not closed",
      {"kind": "qemu-img", "op": "rebase", "header_changed": True}),
-    ("live take + memory", "after live switch, before LayersCreated", after("live.live_snapshot")),
+    ("take that flattens (stopped)", "after FlattenStarted", ev("FlattenStarted")),
+    ("take that flattens (stopped)", "after qemu-img rebase of disk0", after("qemu_img.rebase_safe")),
+    ("take that flattens (stopped)", "after FlattenCompleted", ev("FlattenCompleted")),
+    ("big flatten (32 MiB)", "mid qemu-img rebase", {"kind": "qemu-img", "op": "rebase", "delay": 0.02}),
+    ("big flatten (32 MiB)", "qemu-img rebase: header rewritten, not closed",
+     {"kind": "qemu-img", "op": "rebase", "header_changed": True}),
+    ("take that flattens (running)", "after FlattenStarted", ev("FlattenStarted")),
+    ("take that flattens (running)", "mid block job (block-stream, intermediate)", MID_JOB),
+    ("take that flattens (running)", "block job concluded, not dismissed", CONCLUDED),
+    ("live take + memory", "after live switch, before LayersCreated", after("live_take.live_snapshot")),
     ("live take + memory", "after LayersCreated (save running)", ev("LayersCreated")),
-    ("live take + memory", "while waiting for the memory save", {"kind": "before", "func": "live.wait_save"}),
+    ("live take + memory", "while waiting for the memory save", {"kind": "before", "func": "migration.wait_save"}),
     ("live take + memory", "after MemorySaved", ev("MemorySaved")),
-    ("live apply from memory", "after restore started, before LayersCreated", after("live.restore")),
-    ("online commit into own disk", "mid block job (active block-commit)", {"kind": "block-job"}),
+    ("live apply from memory", "after restore started, before LayersCreated", after("migration.restore")),
+    ("online commit into own disk", "mid block job (active block-commit)", MID_JOB),
     ("online commit (active)", "after MergeStarted", ev("MergeStarted")),
-    ("online commit (active)", "mid block job (active block-commit)", {"kind": "block-job"}),
+    ("online commit (active)", "mid block job (active block-commit)", MID_JOB),
     ("online commit (active)", "after MergeCompleted", ev("MergeCompleted")),
     ("online commit (active)", "block job concluded, not dismissed", CONCLUDED),
-    ("online pull up (stream)", "mid block job (block-stream)", {"kind": "block-job"}),
+    ("online pull up (stream)", "mid block job (block-stream)", MID_JOB),
     ("online pull up (stream)", "block job concluded, not dismissed", CONCLUDED),
-    ("online commit (intermediate)", "mid block job (block-commit)", {"kind": "block-job"}),
+    ("online commit (intermediate)", "mid block job (block-commit)", MID_JOB),
     ("online commit (intermediate)", "block job concluded, not dismissed", CONCLUDED),
-    ("online pull up (intermediate)", "mid block job (block-stream)", {"kind": "block-job"}),
+    ("online pull up (intermediate)", "mid block job (block-stream)", MID_JOB),
     ("online pull up (intermediate)", "block job concluded, not dismissed", CONCLUDED),
 ]
 
@@ -304,9 +343,21 @@ def run_point(tmp: Path, kernel: str | None, scen: Scenario, label: str, spec: d
         scen.op(model)
         return exercise(model, scen.name, label, spec, tmp, scen.post)
     finally:
-        svc = model.svc
-        if svc.runtime.is_running(model.name):
-            svc.runtime.stop(svc.app.get_vm(model.name))
+        stop_qemu(model)
+
+
+def stop_qemu(model: Model) -> None:
+    """Quit the VM's QEMU if it still runs (over QMP; SIGKILL by its pid if that fails)."""
+    svc = model.svc
+    pid = svc.machines.pid(model.name)
+    if pid is None:
+        return
+    try:
+        live = svc.machines.attach(svc.app.get_vm(model.name))
+        if live is not None:
+            live.stop()
+    except Exception:  # noqa: BLE001 - a broken VM must not outlive the test
+        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("scen_name, label, spec", _params())
@@ -362,16 +413,16 @@ def test_soak_random_operations_with_random_kills(tmp_path: Path) -> None:
             if (model.next_slot * SLOT + nbytes) > 200 * MiB:
                 model.next_slot = rng.randrange(0, 64)  # overwrite older slots from here on
             model.write(nbytes)
-            model.svc.take(model.name, f"s{n}")
+            record(model, c.TakeSnapshot(model.name, f"s{n}"))
             kind, post = "take", Model.after_new_current
         elif choice == "apply":
-            model.svc.app.apply(model.name, rng.choice(snaps))
+            record(model, c.ApplySnapshot(model.name, rng.choice(snaps)))
             kind, post = "apply", Model.after_new_current
         elif choice == "force":
-            model.svc.app.merge(model.name, rng.choice(hidden), force=True)
+            record(model, c.MergeNode(model.name, rng.choice(hidden), force=True))
             kind, post = "delete", None
         else:
-            model.svc.app.delete(model.name, rng.choice(snaps))
+            delete(model, rng.choice(snaps))
             kind, post = "delete", None
         spec = dict(rng.choice(_RANDOM_SPECS[kind]))
         res = exercise(model, f"soak #{n} {choice}", _label(spec), spec, tmp_path, post)

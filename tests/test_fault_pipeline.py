@@ -28,10 +28,11 @@ from typing import Any
 
 import pytest
 
-from adapters.audit_verify import verify
 from adapters.redis_streams import COMMAND_GROUP
 from adapters.storage import DataDir
+from domain import commands as c
 from domain.vm import VirtualMachine
+from service.verify import verify
 from tests.redis_harness import (
     Cluster,
     call,
@@ -112,9 +113,9 @@ async def test_relay_killed_9_repeatedly_publishes_every_notification_once_in_or
                 counter["n"] += 1
                 vm = vms[k % 2]
                 if k % 5 == 4:
-                    app.rename(vm, f"s{k - 2}", f"n{k - 2}")
+                    app.decide(c.RenameSnapshot(vm, f"s{k - 2}", f"n{k - 2}"))
                 else:
-                    app.take(vm, f"s{k}")
+                    app.decide(c.TakeSnapshot(vm, f"s{k}", memory=False))  # disks only
                 if pause:
                     time.sleep(pause)
 
@@ -146,7 +147,7 @@ async def test_relay_killed_9_repeatedly_publishes_every_notification_once_in_or
     try:
         await _wait_for(leading(relay), "the first relay leads", cluster)
         for vm in vms:
-            app.save(VirtualMachine.register(name=vm, host=HOST, disks={"disk0": own_disk(tmp_path, vm)}))
+            app.decide(c.RegisterVM(vm, host=HOST, disks={"disk0": own_disk(tmp_path, vm)}, config={}))
 
         # 1. Killed right after it published the first entries of a flow (the position may or
         #    may not be saved yet: it is saved at most every 0.5 s).
@@ -215,7 +216,7 @@ async def test_relay_killed_9_repeatedly_publishes_every_notification_once_in_or
         data = DataDir.open(cluster.home)
         for vm in vms:
             check_tree_on_disk(app, vm, data)
-            report = verify(app, data, vm)
+            report = verify(app, data, vm, deep=True)
             assert report.clean, [f.line() for f in report.findings]
         assert len(kills) == 6
         print("relay kills:", kills, "relays led from:", [_led_from(cluster, p) for p in relays])
@@ -343,7 +344,7 @@ async def test_command_consumer_killed_9_mid_flow_every_request_once_and_answere
             renames = [e for e in events if type(e).__name__.startswith("SnapshotRenamed")]
             assert len(renames) == len(renamed), "a rename recorded twice or not at all"
             check_tree_on_disk(app, vm, data)
-            report = verify(app, data, vm)
+            report = verify(app, data, vm, deep=True)
             assert report.clean, [f.line() for f in report.findings]
         # Each request recorded its events once: the replies that carried events name distinct ids.
         recorded = [e for rep in replies.values() for e in rep["events"]]

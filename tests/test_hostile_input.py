@@ -1,7 +1,7 @@
 """Hostile input (issue 6, part 3): names that try to leave the data directory, symlinks planted
 in it, oversized and malformed queue messages.
 
-Contract (DESIGN §1, §3b): such input is refused (exit 2 / `ok: false`) or dead-lettered with a
+Contract (docs/semantics.md, docs/output.md): such input is refused (exit 2 / `ok: false`) or dead-lettered with a
 reason; nothing is recorded; nothing is written outside the data directory except the VM's own
 disks; the command consumer keeps serving. Where the work itself meets a planted symlink it must
 refuse or fail cleanly (exit 1 with one line) and leave the files outside byte-identical.
@@ -30,12 +30,12 @@ import redis
 import redis.asyncio as aioredis
 
 from adapters import messages
-from adapters.config import open_app
 from adapters.qemu import qemu_img
 from adapters.redis_streams import RedisConfig, Names
-from adapters.service import Service
-from adapters.storage import DataDir
+from domain import commands as c
 from domain.errors import InvalidDisk, InvalidName, Refused, SnaptreeError
+from service.bootstrap import open_service
+from service.worker import WorkFailed
 from workers.command_consumer import CommandConsumer
 
 MiB = 1024 * 1024
@@ -99,14 +99,35 @@ class World:
         self.target = base / "outside"
         self.target.mkdir(parents=True, exist_ok=True)
         (self.target / "keep.bin").write_bytes(os.urandom(4096))
-        self.data = DataDir.open(self.home)
-        self.svc = Service(self.data, open_app(self.data, environ={}), HOST)
+        self.svc = open_service(str(self.home), HOST, environ={})
+        self.data = self.svc.data
 
     def disk(self, name: str) -> str:
         return str(make_qcow2(self.disks / f"{name}.qcow2"))
 
+    def create_vm(self, name: str, disks: list[str], *, copy: bool = False) -> Any:
+        return self.svc.handle(c.CreateVM(name, disk=tuple(disks), copy=copy))
+
+    def take(self, vm: str, name: str) -> Any:
+        """Record a take (its disk work is left to `settle`, as the old `Service.take`)."""
+        return self.svc.handle(c.TakeSnapshot(vm, name), wait=False)
+
+    def apply(self, vm: str, snapshot: str) -> Any:
+        """The old `Service.apply`: earlier work first, then the apply recorded."""
+        self.svc.settle(vm)
+        return self.svc.handle(c.ApplySnapshot(vm, snapshot), wait=False)
+
+    def delete(self, vm: str, snapshot: str) -> Any:
+        return self.svc.handle(c.DeleteSnapshot(vm, snapshot), wait=False)
+
+    def rename(self, vm: str, snapshot: str, new: str) -> Any:
+        return self.svc.handle(c.RenameSnapshot(vm, snapshot, new))
+
+    def settle(self, vm: str) -> Any:
+        return self.svc.settle(vm)
+
     def vm(self, name: str) -> str:
-        self.svc.create_vm(name, [self.disk(name)])
+        self.create_vm(name, [self.disk(name)])
         return name
 
     def outside(self) -> dict[str, tuple[str, int, str]]:
@@ -148,9 +169,9 @@ def test_api_vm_name_that_escapes_is_refused(world: World, name: str) -> None:
     disk = world.disk("spare")
     before, events = world.outside(), world.events()
     with pytest.raises(InvalidName):
-        world.svc.create_vm(name, [disk])
+        world.create_vm(name, [disk])
     with pytest.raises(InvalidName):
-        world.svc.create_vm(name, [disk], copy=True)
+        world.create_vm(name, [disk], copy=True)
     with pytest.raises(InvalidName):
         world.data.vm_dir(name)
     assert world.events() == events
@@ -160,22 +181,22 @@ def test_api_vm_name_that_escapes_is_refused(world: World, name: str) -> None:
 
 def test_api_snapshot_names_that_escape_are_refused(world: World) -> None:
     vm = world.vm("v")
-    world.svc.take(vm, "s1")
-    world.svc.wait(vm)
+    world.take(vm, "s1")
+    world.settle(vm)
     before, events = world.outside(), world.events()
     home_before = tree_state(world.home, skip=tuple(world.home.glob("snaptree.sqlite*")))
     for name in BAD_NAMES:
         with pytest.raises(InvalidName):
-            world.svc.take(vm, name)
+            world.take(vm, name)
         with pytest.raises(Refused):
-            world.svc.app.rename(vm, "s1", name)
+            world.rename(vm, "s1", name)
         with pytest.raises(Refused):
-            world.svc.apply(vm, name)
+            world.apply(vm, name)
         with pytest.raises(Refused):
-            world.svc.app.delete(vm, name)
+            world.delete(vm, name)
         with pytest.raises(Refused):  # a VM name that escapes, on every command
-            world.svc.take(name, "s2")
-    world.svc.wait(vm)
+            world.take(name, "s2")
+    world.settle(vm)
     assert world.events() == events
     assert world.outside() == before
     assert tree_state(world.home, skip=tuple(world.home.glob("snaptree.sqlite*"))) == home_before
@@ -186,7 +207,7 @@ def test_api_disk_names_that_escape_are_refused(world: World, disk: str) -> None
     path = world.disk("spare")
     before, events = world.outside(), world.events()
     with pytest.raises(Refused):
-        world.svc.create_vm("v", [f"{disk}={path}"] if "/" not in disk else [path, f"{disk}={path}"])
+        world.create_vm("v", [f"{disk}={path}"] if "/" not in disk else [path, f"{disk}={path}"])
     with pytest.raises(InvalidName):
         world.data.layer_path("v", uuid.uuid4(), disk)
     assert world.events() == events
@@ -217,8 +238,8 @@ class Cli:
 def test_cli_names_that_escape_are_refused(world: World) -> None:
     cli = Cli(world)
     vm = world.vm("v")
-    world.svc.take(vm, "s1")
-    world.svc.wait(vm)
+    world.take(vm, "s1")
+    world.settle(vm)
     spare = world.disk("spare")
     # the escape targets, relative to the cwd and to the data dir's vms/ folder, must not appear
     before, events = world.outside(), world.events()
@@ -249,8 +270,8 @@ def test_cli_names_that_escape_are_refused(world: World) -> None:
 def _two_snapshots(world: World) -> str:
     vm = world.vm("v")
     for s in ("s1", "s2"):
-        world.svc.take(vm, s)
-    world.svc.wait(vm)
+        world.take(vm, s)
+    world.settle(vm)
     return vm
 
 
@@ -262,26 +283,36 @@ def _attempt(fn: Any, *args: Any, **kwargs: Any) -> BaseException | None:
     return None
 
 
+def _refused_outside(exc: BaseException | None) -> bool:
+    """The data directory's refusal of a path outside it: the PermissionError itself (raised by
+    the worker before any step) or the WorkFailed of the step it stopped, which names it."""
+    if isinstance(exc, PermissionError):
+        return "outside the data directory" in str(exc)
+    return (isinstance(exc, WorkFailed) and "refusing to touch" in str(exc)
+            and "outside the data directory" in str(exc))
+
+
 def _settled(world: World, op: str, vm: str, *args: Any) -> BaseException | None:
     """What the CLI does: record the command, then perform the VM's work right away."""
-    exc = _attempt(getattr(world.svc, op) if op != "delete" else world.svc.app.delete, vm, *args)
-    return exc if exc is not None else _attempt(world.svc.wait, vm)
+    exc = _attempt(getattr(world, op), vm, *args)
+    return exc if exc is not None else _attempt(world.settle, vm)
 
 
-def test_layers_folder_replaced_by_symlink_take_and_apply_refuse(world: World) -> None:
+@pytest.mark.parametrize("op, arg", [("take", "s3"), ("apply", "s1")])
+def test_layers_folder_replaced_by_symlink_take_and_apply_refuse(world: World, op: str, arg: str) -> None:
     """`layers` -> an outside folder holding the layers (so every chain still resolves): a new
-    overlay would be created outside; take and apply must refuse it before any file is made."""
+    overlay would be created outside; take and apply must refuse it before any file is made.
+    (Each on a VM of its own: a refused step is recorded and holds the VM's later work.)"""
     vm = _two_snapshots(world)
     layers = world.layers_dir(vm)
     moved = world.target / "layers"
     shutil.move(str(layers), str(moved))
     layers.symlink_to(moved, target_is_directory=True)
     before = world.outside()
-    for op, args in (("take", (vm, "s3")), ("apply", (vm, "s1"))):
-        exc = _settled(world, op, *args)
-        assert isinstance(exc, PermissionError), (op, exc)
-        assert "outside the data directory" in str(exc)
-        assert world.outside() == before, op
+    exc = _settled(world, op, vm, arg)
+    assert _refused_outside(exc), (op, exc)
+    assert "outside the data directory" in str(exc)
+    assert world.outside() == before, op
     assert os.path.islink(layers)
 
 
@@ -295,9 +326,9 @@ def test_layers_folder_replaced_by_symlink_delete_writes_nothing_outside(world: 
     from adapters.qemu import qemu_io
     qemu_io.write_pattern(world.current_layer(vm), 0, MiB, 0x5A)
     before = world.outside()
-    exc = _attempt(world.svc.app.delete, vm, "s2")
+    exc = _attempt(world.delete, vm, "s2")
     if exc is None:
-        exc = _attempt(world.svc.wait, vm)
+        exc = _attempt(world.settle, vm)
     assert world.outside() == before
     assert exc is not None
 
@@ -329,7 +360,7 @@ def test_future_layer_path_planted_as_symlink_is_refused(
     exc = _settled(world, "take", vm, "s3")
     monkeypatch.setattr(domain_vm.uuid, "uuid4", real_uuid4)
     assert handed == [fixed], "the take did not use the planted id"
-    assert isinstance(exc, PermissionError), exc
+    assert _refused_outside(exc), exc
     assert world.outside() == before
     assert victim.exists() and (world.target / "keep.bin").exists()
 
@@ -357,7 +388,7 @@ def test_vm_folder_replaced_by_symlink_refuses_overlays(world: World) -> None:
     before = world.outside()
     for op, args in (("take", (vm, "s3")), ("apply", (vm, "s1"))):
         exc = _settled(world, op, *args)
-        assert isinstance(exc, PermissionError), (op, exc)
+        assert _refused_outside(exc), (op, exc)
         assert world.outside() == before, op
 
 
@@ -365,17 +396,17 @@ def test_symlinked_layer_to_outside_file_is_never_deleted_through(world: World) 
     """A snapshot with no dependents is deleted; its layer file was swapped for a link to an
     outside file: removal refuses, and neither the link's target nor the link is touched."""
     vm = _two_snapshots(world)
-    world.svc.apply(vm, "s1")  # s2 now has no dependents
+    world.apply(vm, "s1")  # s2 now has no dependents
     s2_layer = Path(world.layer(vm, "s2"))
     victim = world.target / "victim.qcow2"
     shutil.copyfile(s2_layer, victim)
     s2_layer.unlink()
     s2_layer.symlink_to(victim)
     before = world.outside()
-    exc = _attempt(world.svc.app.delete, vm, "s2")
+    exc = _attempt(world.delete, vm, "s2")
     if exc is None:
-        exc = _attempt(world.svc.wait, vm)
-    assert isinstance(exc, PermissionError), exc
+        exc = _attempt(world.settle, vm)
+    assert _refused_outside(exc), exc
     assert "outside the data directory" in str(exc)
     assert world.outside() == before
     assert os.path.islink(s2_layer)
@@ -384,7 +415,7 @@ def test_symlinked_layer_to_outside_file_is_never_deleted_through(world: World) 
 def test_symlinked_layer_through_cli_fails_cleanly(world: World) -> None:
     """The same through the CLI: exit 1, one line, a JSON error, nothing outside touched."""
     vm = _two_snapshots(world)
-    world.svc.apply(vm, "s1")
+    world.apply(vm, "s1")
     s2_layer = Path(world.layer(vm, "s2"))
     victim = world.target / "victim.qcow2"
     shutil.copyfile(s2_layer, victim)
@@ -403,15 +434,15 @@ def test_symlinked_state_file_to_outside_is_never_deleted_through(world: World) 
     """A memory-state path (never made for a stopped VM) planted as a link: removing the
     snapshot's files must not unlink through it; the link may stay, the target must."""
     vm = _two_snapshots(world)
-    world.svc.apply(vm, "s1")
+    world.apply(vm, "s1")
     agg = world.svc.app.get_vm(vm)
     (node,) = [n for n in agg.nodes.values() if n.name == "s2"]
     state = Path(world.data.state_path(vm, node.id))
     state.parent.mkdir(parents=True, exist_ok=True)
     state.symlink_to(world.target / "keep.bin")
     before = world.outside()
-    _attempt(world.svc.app.delete, vm, "s2")
-    _attempt(world.svc.wait, vm)
+    _attempt(world.delete, vm, "s2")
+    _attempt(world.settle, vm)
     assert world.outside() == before
     assert (world.target / "keep.bin").is_file()
 
@@ -423,23 +454,23 @@ def test_disk_given_as_symlink_is_adopted_by_real_path(world: World) -> None:
     link1.parent.mkdir()
     link1.symlink_to(real)
     link2.symlink_to(link1)  # a chain of links
-    world.svc.create_vm("v", [str(link1)])
+    world.create_vm("v", [str(link1)])
     assert world.svc.app.get_vm("v").disks == {"disk0": str(real)}
     events = world.events()
     for spelling in (str(link2), str(real), str(real.parent / "." / real.name),
                      str(real.parent.parent / "disks" / ".." / "disks" / real.name)):
         with pytest.raises(InvalidDisk, match="already is a layer of VM 'v'"):
-            world.svc.create_vm("w", [spelling])
+            world.create_vm("w", [spelling])
     with pytest.raises(Refused):  # the same file twice in one VM, through two links
-        world.svc.create_vm("w", [f"a={link1}", f"b={link2}"])
+        world.create_vm("w", [f"a={link1}", f"b={link2}"])
     assert world.events() == events
     # a link into the data directory is a file inside it
-    world.svc.take("v", "s1")
-    world.svc.wait("v")
+    world.take("v", "s1")
+    world.settle("v")
     inner = world.base / "links" / "inner.qcow2"
     inner.symlink_to(world.current_layer("v"))
     with pytest.raises(InvalidDisk, match="inside the data directory"):
-        world.svc.create_vm("w", [str(inner)])
+        world.create_vm("w", [str(inner)])
 
 
 def test_disk_symlink_through_cli(world: World) -> None:
@@ -484,7 +515,7 @@ class Queue:
         async def main() -> Any:
             r = aioredis.from_url(REDIS_URL, decode_responses=False, socket_timeout=15)
             cr = aioredis.from_url(REDIS_URL, decode_responses=False, socket_timeout=15)
-            consumer = CommandConsumer(self.world.svc.app, self.world.data, HOST, cr, self.config)
+            consumer = CommandConsumer(self.world.svc, cr, self.config)
             stop = asyncio.Event()
             task = asyncio.create_task(consumer.run(stop, grace=5))
             try:
@@ -562,15 +593,24 @@ def test_queue_names_that_escape_are_answered_ok_false(world: World, queue: Queu
                                       ("snapshot.rename", "v", {"snapshot": "s", "new": name})):
                 reply = await queue.call(r, command, vm, args)
                 assert reply["ok"] is False, (command, vm, args, reply)
-                assert reply["error"]["code"] in ("invalid_name", "unknown_snapshot"), reply
+                if name in LONG and command != "vm.create":
+                    # an argument longer than its limit (domain/commands.py NAME_LEN) is
+                    # malformed: answered and dead-lettered by the queue, never decided
+                    assert reply["error"]["code"] == "malformed", reply
+                    assert "at most 200 characters" in reply["error"]["message"], reply
+                else:
+                    assert reply["error"]["code"] in ("invalid_name", "unknown_snapshot"), reply
                 assert reply["error"]["message"]
+        assert consumer.dead_lettered == 2 * len(LONG)
         # escaping disk paths: relative ones resolve against the consumer's cwd, none is adopted
         for disk in ("../x.qcow2", "../../../../etc/passwd", "/etc/passwd", "/dev/zero", "",
                      str(world.target), str(world.target / "keep.bin")):
             reply = await queue.call(r, "vm.create", "n", {"disk": [disk]})
             assert reply["ok"] is False and reply["error"]["code"] == "invalid_disk", (disk, reply)
         reply = await queue.call(r, "vm.create", "n", {"disk": [spare], "memory": -5})
-        assert reply["ok"] is False and reply["error"]["code"] == "refused", reply
+        # out of range: refused (InvalidArgument, a Refused) by the same check the CLI gets
+        assert reply["ok"] is False and reply["error"]["code"] == "invalid_argument", reply
+        assert "memory must be between 16" in reply["error"]["message"], reply
         assert not task.done()
 
     queue.run(body)
@@ -655,7 +695,20 @@ def test_queue_malformed_messages_are_dead_lettered_and_the_consumer_keeps_servi
         ("reply_to in another prefix via suffix", _packed(_cmd(q, reply_to=f"x{q.names.reply('me')}"))),
     ]
     forbidden = [q.names.events, q.names.work(HOST), f"{q.prefix}-other:reply:x",
-                 q.names.reply("x" * 400), f"x{q.names.reply('me')}", q.names.reply("me")]
+                 q.names.reply("x" * 400), f"x{q.names.reply('me')}"]
+    # A message read far enough to know its request id and an authorised reply_to (reply:me) is
+    # also answered `ok: false`, code `malformed`; every other one is only dead-lettered.
+    answered = {label for label, _ in entries
+                if label.startswith(("field command=", "field vm=", "field args="))}
+    answered |= {"nested map in args", "unknown command", "shell command", "command with NUL",
+                 "unknown arg", "path arg smuggled", "extra field"}
+    request_ids = {label: msgpack.unpackb(e[b"msg"])["request_id"] for label, e in entries
+                   if label in answered}
+    # The dead letter names the request id wherever it was readable (answered or not).
+    readable_rid = answered | {label for label, _ in entries
+                               if label.startswith(("field reply_to=", "reply_to "))}
+    dead_request_ids = sorted(msgpack.unpackb(e[b"msg"])["request_id"] for label, e in entries
+                              if label in readable_rid)
     before, events = world.outside(), world.events()
 
     async def body(r: aioredis.Redis, consumer: CommandConsumer, task: Any) -> None:
@@ -678,6 +731,15 @@ def test_queue_malformed_messages_are_dead_lettered_and_the_consumer_keeps_servi
                 assert "unknown command" in reason, (label, reason)
         for key in forbidden:
             assert not await r.exists(key), key
+        replies = [messages.decode_reply(f[b"msg"]) for _, f in await r.xrange(q.names.reply("me"))]
+        assert sorted(x["request_id"] for x in replies) == sorted(request_ids.values())
+        by_rid = {rid: label for label, rid in request_ids.items()}
+        for x in replies:
+            label = by_rid[x["request_id"]]
+            assert x["ok"] is False and x["error"]["code"] == "malformed", (label, x)
+            assert x["error"]["message"] == reasons[dict(entries)[label][b"msg"]], (label, x)
+        dead_rids = sorted(f[b"request_id"].decode() for f in dead if b"request_id" in f)
+        assert dead_rids == dead_request_ids
         assert consumer.dead_lettered == len(entries)
         # still serving: a valid command afterwards is executed
         reply = await q.call(r, "snapshot.take", "v", {"name": "after"})
@@ -710,6 +772,10 @@ def test_queue_interleaved_garbage_does_not_block_valid_commands(world: World, q
             await asyncio.sleep(0.05)
             dead = await r.xlen(q.names.dead)
         assert dead == 3 * len(garbage)
+        # of the garbage only the unknown command has a readable request id and reply_to: it
+        # alone is also answered (`malformed`), once per round
+        answered = [messages.decode_reply(f[b"msg"]) for _, f in await r.xrange(q.names.reply("me"))]
+        assert [(x["ok"], x["error"]["code"]) for x in answered] == [(False, "malformed")] * 3, answered
         assert not task.done()
 
     q.run(body)

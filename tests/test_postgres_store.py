@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapters.config import open_app
-from adapters.service import Service
+from domain import commands as c
+from service.api import Service
 from domain.vm import VirtualMachine
 from tests.disk_harness import PatternVM
 
@@ -26,7 +27,7 @@ def test_postgres_store_runs_the_rules_on_real_files(pg_service: Service, tmp_pa
 def test_postgres_store_keeps_history_and_snapshots(pg_service: Service, tmp_path: Path) -> None:
     pv = PatternVM.create(pg_service, tmp_path, ndisks=1)
     for i in range(110):  # past the aggregate snapshot interval
-        pg_service.app.take(pv.name, f"s{i}")
+        pg_service.handle(c.TakeSnapshot(pv.name, f"s{i}"), wait=False)
     # A second application on the same store (another process, another host) sees it all.
     other = open_app(pg_service.data)
     vm = other.get_vm(pv.name)

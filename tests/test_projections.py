@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from adapters.config import open_app
 from adapters.storage import DataDir
+from domain import commands as c
 from domain.application import Snaptree
 from domain.errors import Refused
 from domain.tree import MergeDirection, MergeState, NodeKind, children
@@ -77,19 +78,19 @@ def work_step(app: Snaptree, name: str, commit_down: bool = True) -> bool:
     item = items[0]
     if item.kind is WorkKind.CREATE_LAYERS:
         assert item.node_id is not None
-        app.layers_created(name, item.node_id)
+        app.decide(c.RecordLayersCreated(name, item.node_id))
     elif item.kind is WorkKind.REMOVE_FILES:
-        app.files_removed(name, list(item.paths))
+        app.decide(c.RecordFilesRemoved(name, tuple(list(item.paths))))
     elif item.kind is WorkKind.MERGE:
         assert item.node_id is not None
         node = vm.nodes[item.node_id]
         if node.merge_state is MergeState.RUNNING:
-            app.merge_completed(name, node.id)
+            app.decide(c.RecordMergeCompleted(name, node.id))
         else:
-            deps = sorted(c.id for c in children(vm.nodes, node.id))
+            deps = sorted(k.id for k in children(vm.nodes, node.id))
             down = node.parent is None or (len(deps) == 1 and commit_down)
             direction = MergeDirection.COMMIT_DOWN if down else MergeDirection.PULL_UP
-            app.merge_started(name, node.id, deps, direction, 4096 * len(deps))
+            app.decide(c.RecordMergeStarted(name, node.id, tuple(deps), direction, 4096 * len(deps)))
     else:
         return False  # memory saves: not part of these histories
     return True
@@ -104,31 +105,31 @@ def settle(app: Snaptree, name: str) -> None:
 
 def scripted_history(app: Snaptree, name: str = VM) -> None:
     """Every event type a stopped VM knows: hidden nodes, merges both ways, a failed merge, revert."""
-    app.create_vm(name, dict(DISKS), host="h1")
-    app.take(name, "A")
-    app.take(name, "B")
+    app.decide(c.RegisterVM(name, host="h1", disks=dict(DISKS), config={}))
+    app.decide(c.TakeSnapshot(name, "A", memory=False))
+    app.decide(c.TakeSnapshot(name, "B", memory=False))
     settle(app, name)
-    app.apply(name, "A")
-    app.take(name, "C")
-    app.delete(name, "A")  # 2 dependents: hidden, merge pending
-    app.rename(name, "B", "B2")
+    app.decide(c.ApplySnapshot(name, "A"))
+    app.decide(c.TakeSnapshot(name, "C", memory=False))
+    app.decide(c.DeleteSnapshot(name, "A"))  # 2 dependents: hidden, merge pending
+    app.decide(c.RenameSnapshot(name, "B", "B2"))
     settle(app, name)
-    app.delete(name, "B2")  # A drops to 1 dependent: merge scheduled
+    app.decide(c.DeleteSnapshot(name, "B2"))  # A drops to 1 dependent: merge scheduled
     work_step(app, name)  # layers / files first
     settle(app, name)
-    app.take(name, "D")
-    app.take(name, "E")
-    app.apply(name, "D")
-    app.delete(name, "D")  # D hidden with 2 dependents
+    app.decide(c.TakeSnapshot(name, "D", memory=False))
+    app.decide(c.TakeSnapshot(name, "E", memory=False))
+    app.decide(c.ApplySnapshot(name, "D"))
+    app.decide(c.DeleteSnapshot(name, "D"))  # D hidden with 2 dependents
     vm = app.get_vm(name)
     (hidden,) = [n for n in vm.nodes.values() if n.kind is NodeKind.HIDDEN]
     settle(app, name)
-    app.merge(name, str(hidden.id), force=True)
+    app.decide(c.MergeNode(name, str(hidden.id), force=True))
     vm = app.get_vm(name)
-    deps = sorted(c.id for c in children(vm.nodes, hidden.id))
-    app.merge_started(name, hidden.id, deps, MergeDirection.PULL_UP, 1234)
-    app.merge_failed(name, hidden.id, "No space left on device")
-    app.revert(name)
+    deps = sorted(k.id for k in children(vm.nodes, hidden.id))
+    app.decide(c.RecordMergeStarted(name, hidden.id, tuple(deps), MergeDirection.PULL_UP, 1234))
+    app.decide(c.RecordMergeFailed(name, hidden.id, "No space left on device"))
+    app.decide(c.RevertSnapshot(name))
     settle(app, name)
 
 
@@ -162,14 +163,14 @@ def check_views(app: Snaptree, name: str) -> None:
 
 def test_views_follow_every_command(app: Snaptree) -> None:
     steps: list[Callable[[], Any]] = [
-        lambda: app.create_vm(VM, dict(DISKS), host="h1"),
-        lambda: app.take(VM, "A"),
-        lambda: app.take(VM, "B"),
-        lambda: app.apply(VM, "A"),
-        lambda: app.take(VM, "C"),
-        lambda: app.delete(VM, "A"),
+        lambda: app.decide(c.RegisterVM(VM, host="h1", disks=dict(DISKS), config={})),
+        lambda: app.decide(c.TakeSnapshot(VM, "A", memory=False)),
+        lambda: app.decide(c.TakeSnapshot(VM, "B", memory=False)),
+        lambda: app.decide(c.ApplySnapshot(VM, "A")),
+        lambda: app.decide(c.TakeSnapshot(VM, "C", memory=False)),
+        lambda: app.decide(c.DeleteSnapshot(VM, "A")),
         lambda: settle(app, VM),
-        lambda: app.delete(VM, "B"),
+        lambda: app.decide(c.DeleteSnapshot(VM, "B")),
         lambda: work_step(app, VM),
         lambda: work_step(app, VM),
         lambda: settle(app, VM),
@@ -181,11 +182,11 @@ def test_views_follow_every_command(app: Snaptree) -> None:
 
 def test_views_cover_several_vms_and_unknown_names(app: Snaptree) -> None:
     scripted_history(app, "one")
-    app.create_vm("two", {"d": "/srv/two.qcow2"}, host="h2")
-    app.take("two", "X")
-    app.take("two", "Y")
-    app.apply("two", "X")
-    app.delete("two", "X")
+    app.decide(c.RegisterVM("two", host="h2", disks={"d": "/srv/two.qcow2"}, config={}))
+    app.decide(c.TakeSnapshot("two", "X", memory=False))
+    app.decide(c.TakeSnapshot("two", "Y", memory=False))
+    app.decide(c.ApplySnapshot("two", "X"))
+    app.decide(c.DeleteSnapshot("two", "X"))
     check_views(app, "one")
     check_views(app, "two")
     everything = read_merges(app)
@@ -208,7 +209,7 @@ def test_an_imported_vm_is_followed_and_replayed(app: Snaptree) -> None:
         {"vm_id": str(source.id), "name": "orig", "version": source.version, "host": "h1"},
     )
     app.save(copy)
-    app.take("copy", "after-import")
+    app.decide(c.TakeSnapshot("copy", "after-import", memory=False))
     check_views(app, "copy")
     check_replay_every_version(app, "copy")
     log = read_timeline(app, "copy")
@@ -219,7 +220,7 @@ def test_an_imported_vm_is_followed_and_replayed(app: Snaptree) -> None:
 
 
 def test_asking_for_an_unknown_vm_writes_nothing(app: Snaptree) -> None:
-    app.create_vm(VM, dict(DISKS), host="h1")
+    app.decide(c.RegisterVM(VM, host="h1", disks=dict(DISKS), config={}))
     runner = runner_for(app)
     assert runner.position == 0  # behind the log
     assert read_tree(app, "nobody") is None
@@ -260,7 +261,7 @@ def test_rebuild_gives_identical_rows(app: Snaptree) -> None:
     scripted_history(app, "one")
     runner.update()
     scripted_history(app, "two")
-    app.rename("one", "C", "C2")
+    app.decide(c.RenameSnapshot("one", "C", "C2"))
     runner.update()
     before = runner.store.dump()
     assert all(before.values())
@@ -277,12 +278,12 @@ def test_view_rows_and_position_commit_together(
     app: Snaptree, where: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner = ProjectionRunner(app, batch_size=5)
-    app.create_vm(VM, dict(DISKS), host="h1")
-    app.take(VM, "A")
+    app.decide(c.RegisterVM(VM, host="h1", disks=dict(DISKS), config={}))
+    app.decide(c.TakeSnapshot(VM, "A", memory=False))
     runner.update()
     before, position = runner.store.dump(), runner.position
-    app.take(VM, "B")
-    app.take(VM, "C")
+    app.decide(c.TakeSnapshot(VM, "B", memory=False))
+    app.decide(c.TakeSnapshot(VM, "C", memory=False))
 
     def boom(*_: Any, **__: Any) -> None:
         raise IntegrityError("injected: crash between the view write and the tracking record")
@@ -314,7 +315,7 @@ def test_two_runners_never_apply_a_batch_twice(app: Snaptree) -> None:
     with pytest.raises(StalePosition):
         first.store.commit(batch, start, notifications[-1].id)
     assert first.update() == 0
-    app.take(VM, "later")  # the first runner's cache is ahead of nothing, behind nothing: still right
+    app.decide(c.TakeSnapshot(VM, "later", memory=False))  # the first runner's cache is ahead of nothing, behind nothing: still right
     assert first.update() == 1
     check_views(app, VM)
     rows = first.store.dump()
@@ -324,21 +325,21 @@ def test_two_runners_never_apply_a_batch_twice(app: Snaptree) -> None:
 
 def test_a_runner_with_a_stale_cache_reloads(app: Snaptree) -> None:
     warm, other = ProjectionRunner(app), ProjectionRunner(app)
-    app.create_vm(VM, dict(DISKS), host="h1")
-    app.take(VM, "A")
+    app.decide(c.RegisterVM(VM, host="h1", disks=dict(DISKS), config={}))
+    app.decide(c.TakeSnapshot(VM, "A", memory=False))
     warm.update()
-    app.take(VM, "B")
-    app.delete(VM, "A")
+    app.decide(c.TakeSnapshot(VM, "B", memory=False))
+    app.decide(c.DeleteSnapshot(VM, "A"))
     other.update()  # moves the position past events the warm cache has not seen
-    app.rename(VM, "B", "B2")
+    app.decide(c.RenameSnapshot(VM, "B", "B2"))
     warm.update()
     check_views(app, VM)
 
 
 def test_an_event_that_cannot_be_followed_stops_the_views_and_says_where(app: Snaptree) -> None:
     runner = ProjectionRunner(app)
-    app.create_vm(VM, dict(DISKS), host="h1")
-    app.take(VM, "A")
+    app.decide(c.RegisterVM(VM, host="h1", disks=dict(DISKS), config={}))
+    app.decide(c.TakeSnapshot(VM, "A", memory=False))
     runner.update()
     before = runner.store.dump()
     vm = app.get_vm(VM)
@@ -377,9 +378,9 @@ def test_replay_across_aggregate_snapshots(tmp_path: Path) -> None:
     app = sqlite_app(tmp_path / "home")
     scripted_history(app)
     for i in range(30):
-        app.take(VM, f"s{i}")
+        app.decide(c.TakeSnapshot(VM, f"s{i}", memory=False))
     for i in range(240):
-        app.rename(VM, f"s{i % 30}" if i < 30 else f"r{i - 30}", f"r{i}")
+        app.decide(c.RenameSnapshot(VM, f"s{i % 30}" if i < 30 else f"r{i - 30}", f"r{i}"))
     vm = app.get_vm(VM)
     assert vm.version > 300
     assert app.snapshots is not None and list(app.snapshots.get(vm.id, lte=vm.version))
@@ -421,15 +422,15 @@ OPS = st.one_of(
 def run_op(app: Snaptree, op: tuple[Any, ...]) -> None:
     kind = op[0]
     if kind == "take":
-        app.take(VM, op[1])
+        app.decide(c.TakeSnapshot(VM, op[1], memory=False))
     elif kind == "apply":
-        app.apply(VM, op[1])
+        app.decide(c.ApplySnapshot(VM, op[1]))
     elif kind == "delete":
-        app.delete(VM, op[1], subtree=op[2])
+        app.decide(c.DeleteSnapshot(VM, op[1], subtree=op[2]))
     elif kind == "rename":
-        app.rename(VM, op[1], op[2])
+        app.decide(c.RenameSnapshot(VM, op[1], op[2]))
     elif kind == "revert":
-        app.revert(VM)
+        app.decide(c.RevertSnapshot(VM))
     elif kind == "work":
         work_step(app, VM, commit_down=op[1])
     elif kind == "settle":
@@ -438,13 +439,13 @@ def run_op(app: Snaptree, op: tuple[Any, ...]) -> None:
         vm = app.get_vm(VM)
         for n in vm.nodes.values():
             if n.merge_state in (MergeState.SCHEDULED, MergeState.RUNNING):
-                app.merge_failed(VM, n.id, "qemu-img: I/O error")
+                app.decide(c.RecordMergeFailed(VM, n.id, "qemu-img: I/O error"))
                 return
     elif kind == "merge":
         hidden = sorted((n for n in app.get_vm(VM).nodes.values() if n.kind is NodeKind.HIDDEN),
                         key=lambda n: n.created_at)
         if hidden:
-            app.merge(VM, str(hidden[op[1] % len(hidden)].id), force=op[2])
+            app.decide(c.MergeNode(VM, str(hidden[op[1] % len(hidden)].id), force=op[2]))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -452,7 +453,7 @@ def run_op(app: Snaptree, op: tuple[Any, ...]) -> None:
 def test_replay_at_every_version_of_random_histories(ops: list[tuple[Any, ...]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         app = sqlite_app(Path(tmp))
-        app.create_vm(VM, dict(DISKS), host="h1")
+        app.decide(c.RegisterVM(VM, host="h1", disks=dict(DISKS), config={}))
         for op in ops:
             try:
                 run_op(app, op)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.qemu import qemu_img, qemu_io
+from adapters.qemu import qcow2, qemu_img, qemu_io
 from adapters.qemu.qemu_img import QemuImgError
 
 MiB = 1024 * 1024
@@ -38,9 +38,10 @@ def test_chain_of_three_has_absolute_backing(chain: tuple[Path, Path, Path]) -> 
     assert qemu_img.backing_file(str(mid)) == str(base)
     assert qemu_img.backing_file(str(top)) == str(mid)
     assert all(qemu_img.virtual_size(str(p)) == SIZE for p in chain)
-    infos = qemu_img.info(str(top), backing_chain=True)
+    infos = qcow2.backing_chain(str(top))
     assert isinstance(infos, list)
-    assert [i["full-backing-filename"] for i in infos[:2]] == [str(mid), str(base)]
+    assert [i.backing for i in infos[:2]] == [str(mid), str(base)]
+    assert [i.filename for i in infos] == [str(top), str(mid), str(base)] and infos[2].backing is None
     # the whole chain reads through top
     for off, pat in ((0, 0xAA), (MiB, 0xBB), (2 * MiB, 0xCC), (3 * MiB, 0)):
         assert qemu_io.read_matches(str(top), off, MiB, pat)

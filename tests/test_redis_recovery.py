@@ -168,9 +168,21 @@ async def test_an_item_that_keeps_failing_is_dead_lettered_and_the_rest_goes_on(
         took = await call(r, cluster.names, "snapshot.take", "bad", {"name": "s1"})
         assert took["ok"]  # the decision is recorded; the side effect is what fails
         note = await _wait_settled(cluster, r, "bad", took["events"][-1])
+        # A failing side effect is a recorded state with a way out, not retried for ever.
+        assert "creating the layers of the current state failed" in note["error"]
+        failed = list(app.get_vm("bad").failed.values())
+        assert [f.kind for f in failed] == ["create_layers"]
+        # An item whose drain itself keeps failing (here: the VM's folder is not a folder) is
+        # retried, then dead-lettered.
+        folder = DataDir.open(cluster.home).vm_dir("good2")
+        assert (await call(r, cluster.names, "vm.create", "good2", {"disk": [own_disk(tmp_path, "good2")]}))["ok"]
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.write_text("in the way")
+        took = await call(r, cluster.names, "snapshot.take", "good2", {"name": "s1"})
+        note = await _wait_settled(cluster, r, "good2", took["events"][-1])
         assert "failed 2 times" in note["error"]
         dead = await r.xrange(cluster.names.dead)
-        assert any(b"VM 'bad'" in f[b"reason"] and b"failed 2 times" in f[b"reason"] for _, f in dead), dead
+        assert any(b"VM 'good2'" in f[b"reason"] and b"failed 2 times" in f[b"reason"] for _, f in dead), dead
         # The other VM's work goes on.
         assert (await call(r, cluster.names, "snapshot.take", "good", {"name": "g1"}))["ok"]
         await wait_idle(app, ["good"], cluster=cluster)
@@ -178,7 +190,7 @@ async def test_an_item_that_keeps_failing_is_dead_lettered_and_the_rest_goes_on(
         res = subprocess.run([SNAPTREE, "queue", "dead", "--json"], env=cluster.env, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         rows = json.loads(res.stdout)
-        assert rows[0]["msg"]["vm"] == "bad" and "failed 2 times" in rows[0]["reason"]
+        assert rows[0]["msg"]["vm"] == "good2" and "failed 2 times" in rows[0]["reason"]
     finally:
         await r.aclose()
         cluster.stop()

@@ -1,17 +1,19 @@
 """Command intake for producers: consumes `<prefix>:commands` (group `commands`).
 
-Each entry's `msg` is decoded and checked (adapters/messages.py). A malformed, unknown, oversized
-or unauthorised message goes to `<prefix>:dead` with its reason and the consumer carries on.
-A well-formed command runs through `Snaptree.execute`, which records the request id in the same
-save as the command's events: a request id takes effect once, however often it is delivered.
-The reply — `ok` with the notification ids recorded, or `ok: false` with the domain's error
-code and message — goes to the command's `reply_to` stream, then the entry is acknowledged.
+Each entry's `msg` is decoded into the same command or query value the CLI builds
+(adapters/messages.py) and handed to the same handler (`Service.handle_queued` for commands,
+`Service.handle` for reads). Every entry ends in exactly one of:
+- a reply on its `reply_to` stream: `ok` with the notification ids recorded (commands) or the
+  exact JSON the CLI's `--json` prints (reads), or `ok: false` with the error code and message;
+- a dead letter in `<prefix>:dead` with the reason, the original entry id and every original
+  field — and, when the message was readable far enough, also a reply `ok: false`, code
+  `malformed`, so the producer learns at once.
+A command whose effect needs the VM's host gets a second reply, `stage: "done"`, once that host's
+worker has done the work (or failed it): docs/queue.md, "Knowing the work is done".
 
-Commands for one VM are executed one after another in stream order by a consumer; different
-VMs run in parallel (threads: eventsourcing has no asyncio API). Several consumers may run
-(one per `snaptree serve`); concurrent saves on one VM are retried on the fresh state
-(optimistic concurrency), so no update is lost. A command that fails for a reason outside the
-domain (the database is down) stays pending and is retried; after `max_failures` attempts it is
+Commands for one VM are executed one after another in stream order by a consumer, different VMs
+in parallel (threads: eventsourcing has no asyncio API). A command that fails outside the domain
+(the database is down) stays pending and is retried; after `max_failures` attempts it is
 answered `ok: false` (code `failed`) and dead-lettered.
 """
 
@@ -19,21 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
-from uuid import UUID
+from typing import Any
 
 import redis.asyncio as aioredis
 from eventsourcing.persistence import PersistenceError
+from redis.exceptions import ResponseError
 
 from adapters import messages
-from adapters.messages import BadMessage, Command
-from adapters.redis_streams import COMMAND_GROUP, RedisConfig
-from adapters.service import Service
-from adapters.storage import DataDir
-from domain.application import Snaptree
-from domain.errors import Refused, SnaptreeError, UnknownVM, VMExists
-from domain.requests import Execution, request_executed
-from domain.vm import VirtualMachine
+from adapters.messages import BadMessage, Message
+from adapters.redis_streams import COMMAND_GROUP, RedisConfig, watch
+from domain.commands import Command, Query
+from domain.errors import SnaptreeError
+from domain.requests import Execution
+from service.api import Service
 from workers.consumer import Entry, StreamConsumer, consumer_name
 
 log = logging.getLogger(__name__)
@@ -46,235 +46,190 @@ class Transient(Exception):
     """The command could not run now (the store is unavailable): retry it later."""
 
 
-def _need(agg: VirtualMachine | None, vm: str) -> VirtualMachine:
-    if agg is None:
-        raise UnknownVM(f"no VM named {vm!r}")
-    return agg
+class ReplyStreamInvalid(Exception):
+    """`reply_to` names a key that is not a stream: no reply can ever be written there."""
 
 
-def decision(cmd: Command) -> Callable[[VirtualMachine | None, Callable[[VirtualMachine], Any]], tuple[Any, VirtualMachine]]:
-    """The aggregate decision a well-formed command asks for (everything but `vm.create`)."""
-    a, vm = cmd.args, cmd.vm
-
-    if cmd.command == "snapshot.take":
-        def take(agg: VirtualMachine | None, paths: Callable[[VirtualMachine], Any]) -> tuple[Any, VirtualMachine]:
-            v = _need(agg, vm)
-            return v.take_snapshot(a["name"], paths(v)), v
-        return take
-    if cmd.command == "snapshot.apply":
-        def apply(agg: VirtualMachine | None, paths: Callable[[VirtualMachine], Any]) -> tuple[Any, VirtualMachine]:
-            v = _need(agg, vm)
-            return v.apply_snapshot(a["snapshot"], paths(v)), v
-        return apply
-    if cmd.command == "snapshot.revert":
-        def revert(agg: VirtualMachine | None, paths: Callable[[VirtualMachine], Any]) -> tuple[Any, VirtualMachine]:
-            v = _need(agg, vm)
-            return v.revert(paths(v)), v
-        return revert
-    if cmd.command == "snapshot.delete":
-        def delete(agg: VirtualMachine | None, paths: Callable[[VirtualMachine], Any]) -> tuple[Any, VirtualMachine]:
-            v = _need(agg, vm)
-            return v.delete_snapshot(a["snapshot"], subtree=bool(a.get("subtree", False))), v
-        return delete
-    if cmd.command == "snapshot.rename":
-        def rename(agg: VirtualMachine | None, paths: Callable[[VirtualMachine], Any]) -> tuple[Any, VirtualMachine]:
-            v = _need(agg, vm)
-            return v.rename_snapshot(a["snapshot"], a["new"]), v
-        return rename
-    if cmd.command in ("merge.force", "merge"):
-        force = cmd.command == "merge.force" or bool(a.get("force", False))
-
-        def merge(agg: VirtualMachine | None, paths: Callable[[VirtualMachine], Any]) -> tuple[Any, VirtualMachine]:
-            v = _need(agg, vm)
-            return v.merge(a["node"], force=force), v
-        return merge
-    raise BadMessage(f"unknown command {cmd.command!r}")
+def reply_for(msg: Message, outcome: Any) -> bytes:
+    """The reply to one message, from what its handler did."""
+    if isinstance(outcome, Execution):
+        stage = "recorded" if outcome.events and _host_work(msg) else None
+        return messages.encode_reply(msg.request_id, True, events=outcome.events, stage=stage,
+                                     duplicate=outcome.duplicate)
+    if isinstance(outcome, PersistenceError):
+        raise outcome
+    if isinstance(outcome, SnaptreeError):
+        return messages.encode_reply(msg.request_id, False, error=(outcome.code, outcome.message))
+    if isinstance(outcome, Exception):
+        log.error("request %s (%s %s) failed: %r", msg.request_id, msg.command, msg.vm, outcome)
+        return messages.encode_reply(msg.request_id, False, error=(getattr(outcome, "code", "failed"), str(outcome)))
+    return messages.encode_reply(msg.request_id, True, result=outcome)
 
 
-class _OnceApp:
-    """The application as `Service.create_vm` sees it, with the save going through `execute`.
-
-    So `vm.create` from the queue runs the very checks the CLI runs (the file exists, is qcow2,
-    is no other VM's layer, ...) and records the VM together with its request id.
-    """
-
-    def __init__(self, app: Snaptree, cmd: Command) -> None:
-        self._app = app
-        self._cmd = cmd
-        self.execution: Execution[Any] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._app, name)
-
-    def create_vm(self, name: str, disks: dict[str, str], host: str, config: dict[str, Any] | None = None) -> UUID:
-        def register(agg: VirtualMachine | None, paths: Callable[[VirtualMachine], Any]) -> tuple[Any, VirtualMachine]:
-            if agg is not None:
-                raise VMExists(f"a VM named {name!r} already exists")
-            vm = VirtualMachine.register(name=name, host=host, disks=disks, config=config)
-            return vm.id, vm
-
-        (outcome,) = self._app.execute(name, [(self._cmd.request_id, self._cmd.command, register)])
-        if isinstance(outcome, Exception):
-            raise outcome
-        self.execution = outcome
-        return outcome.result if not outcome.duplicate else UUID(int=0)
-
-    def get_vm(self, name: str) -> VirtualMachine:
-        return self._app.get_vm(name)
+def _host_work(msg: Message) -> bool:
+    verb = messages.ALIASES.get(msg.command, (msg.command, {}))[0]
+    cls = messages.REQUESTS[verb]
+    return issubclass(cls, Command) and cls.host_work
 
 
-class CommandExecutor:
-    """Runs one decoded command against the application (synchronously, in a thread)."""
+class Intake:
+    """Runs decoded messages of one VM through the service (synchronously, in a thread)."""
 
-    def __init__(self, app: Snaptree, data: DataDir, host: str) -> None:
-        self.app = app
-        self.data = data
-        self.host = host
+    def __init__(self, svc: Service) -> None:
+        self.svc = svc
 
-    def run(self, cmds: list[Command]) -> list[bytes]:
-        """Replies to commands for one VM, in order; raises Transient to retry them all later.
-
-        Consecutive commands go to the application together (one save: a group commit)."""
+    def run(self, msgs: list[Message]) -> list[bytes]:
+        """Replies in order; raises Transient to retry them all later. Consecutive commands go
+        to the domain together (one save: a group commit); reads are answered in between."""
         replies: list[bytes] = []
-        chunk: list[Command] = []
+        chunk: list[Message] = []
         try:
-            for cmd in cmds:
-                if cmd.command == "vm.create":
-                    replies += self._together(chunk)
+            for msg in msgs:
+                request = msg.request()
+                if isinstance(request, Query):
+                    replies += self._commands(chunk)
                     chunk = []
-                    replies.append(self._one_create(cmd))
+                    replies.append(self._read(msg, request))
                 else:
-                    chunk.append(cmd)
-            replies += self._together(chunk)
+                    chunk.append(msg)
+            replies += self._commands(chunk)
         except PersistenceError as exc:
             raise Transient(f"{type(exc).__name__}: {exc}") from exc
         return replies
 
-    def _together(self, cmds: list[Command]) -> list[bytes]:
-        if not cmds:
+    def _commands(self, msgs: list[Message]) -> list[bytes]:
+        if not msgs:
             return []
-        outcomes = self.app.execute(cmds[0].vm, [(c.request_id, c.command, decision(c)) for c in cmds])
-        return [self._reply(c, o) for c, o in zip(cmds, outcomes)]
+        requests = [(m.request_id, m.request()) for m in msgs]
+        outcomes = self.svc.handle_queued(msgs[0].vm, requests)  # type: ignore[arg-type]
+        return [reply_for(m, o) for m, o in zip(msgs, outcomes)]
 
-    def _one_create(self, cmd: Command) -> bytes:
+    def _read(self, msg: Message, query: Query) -> bytes:
         try:
-            outcome: Any = self._create(cmd)
+            result = self.svc.handle(query)
         except PersistenceError:
             raise
-        except Exception as exc:
-            outcome = exc
-        return self._reply(cmd, outcome)
-
-    def _reply(self, cmd: Command, outcome: Any) -> bytes:
-        if isinstance(outcome, Execution):
-            return messages.encode_reply(cmd.request_id, True, events=outcome.events)
-        if isinstance(outcome, Refused):
-            if request_executed(self.app, cmd.request_id):
-                return messages.encode_reply(cmd.request_id, True, events=[])  # a duplicate
-            return messages.encode_reply(cmd.request_id, False, error=(outcome.code, outcome.message))
-        if isinstance(outcome, PersistenceError):
-            raise outcome
-        if isinstance(outcome, SnaptreeError):
-            return messages.encode_reply(cmd.request_id, False, error=(outcome.code, outcome.message))
-        log.error("request %s (%s %s) failed: %r", cmd.request_id, cmd.command, cmd.vm, outcome)
-        return messages.encode_reply(cmd.request_id, False, error=("failed", str(outcome)))
-
-    def _create(self, cmd: Command) -> Execution[Any]:
-        a = cmd.args
-        memory = a.get("memory", 256)
-        cpus = a.get("cpus", 1)
-        if memory < 16:
-            raise Refused("vm.create: memory must be at least 16 (MiB)")
-        if not 1 <= cpus <= 64:
-            raise Refused("vm.create: cpus must be between 1 and 64")
-        once = _OnceApp(self.app, cmd)
-        svc = Service(self.data, once, self.host)  # type: ignore[arg-type]
-        svc.create_vm(
-            cmd.vm, list(a["disk"]), copy=bool(a.get("copy", False)), host=a.get("host"),
-            config={"memory_mib": memory, "cpus": cpus},
-        )
-        assert once.execution is not None
-        return once.execution
+        except Exception as exc:  # noqa: BLE001 - answered, never a crash of the consumer
+            return reply_for(msg, exc)
+        return reply_for(msg, result.json())
 
 
 class CommandConsumer(StreamConsumer):
-    def __init__(
-        self,
-        app: Snaptree,
-        data: DataDir,
-        host: str,
-        r: aioredis.Redis,
-        config: RedisConfig,
-        *,
-        consumer: str | None = None,
-        max_threads: int = 8,
-    ) -> None:
-        super().__init__(r, config, config.names.commands, COMMAND_GROUP, consumer or consumer_name(f"commands:{host}"))
-        self.executor = CommandExecutor(app, data, host)
+    def __init__(self, svc: Service, r: aioredis.Redis, config: RedisConfig, *,
+                 consumer: str | None = None, max_threads: int = 8) -> None:
+        super().__init__(r, config, config.names.commands, COMMAND_GROUP,
+                         consumer or consumer_name(f"commands:{svc.host}"))
+        self.intake = Intake(svc)
         self._threads = asyncio.Semaphore(max_threads)
-        self._parsed: dict[str, Command | BadMessage] = {}
+        self._parsed: dict[str, Message | BadMessage] = {}
         self._failures: dict[str, int] = {}
         self.dead_lettered = 0
 
     def key_of(self, entry: Entry) -> str:
         try:
-            if set(entry.fields) - {b"msg"}:
-                raise BadMessage(f"entry has fields {sorted(k.decode(errors='replace') for k in entry.fields)}, not just msg")
-            parsed: Command | BadMessage = messages.decode_command(
+            parsed: Message | BadMessage = messages.decode_command(
                 entry.msg, reply_prefix=self.config.names.reply_prefix,
                 max_bytes=self.config.max_message_bytes,
             )
         except BadMessage as exc:
             parsed = exc
+        if set(entry.fields) - {b"msg"}:
+            names = sorted(k.decode(errors="replace") for k in entry.fields)
+            parsed = BadMessage(f"entry has fields {names}, not just msg", parsed.request_id, parsed.reply_to)
         self._parsed[entry.id] = parsed
-        return parsed.vm if isinstance(parsed, Command) else ""
+        return parsed.vm if isinstance(parsed, Message) else ""
 
     async def handle_lane(self, key: str, entries: list[Entry]) -> None:
-        good: list[tuple[Entry, Command]] = []
+        good: list[tuple[Entry, Message]] = []
         for entry in entries:
             parsed = self._parsed.pop(entry.id, None)
             if parsed is None:
                 self.key_of(entry)
                 parsed = self._parsed.pop(entry.id)
             if isinstance(parsed, BadMessage):
-                self.dead_lettered += 1
-                await self.dead_letter([entry], parsed.reason)
+                await self._malformed(entry, parsed)
             elif entry.deliveries > self.config.max_failures:
                 why = f"request {parsed.request_id}: delivered {entry.deliveries} times without an answer"
-                await self._reply(parsed, messages.encode_reply(parsed.request_id, False, error=("failed", why)))
-                await self.dead_letter([entry], why)
+                await self._answer_and_bury(entry, parsed, ("failed", why), why)
+            elif (problem := await self._reply_stream_problem(parsed)) is not None:
+                await self.dead_letter([entry], problem, request_id=parsed.request_id)
             else:
                 good.append((entry, parsed))
         for k in range(0, len(good), BATCH):
             await self._run(good[k:k + BATCH])
 
-    async def _run(self, batch: list[tuple[Entry, Command]]) -> None:
+    async def _malformed(self, entry: Entry, bad: BadMessage) -> None:
+        self.dead_lettered += 1
+        if bad.request_id and bad.reply_to and await self._reply_stream_problem_of(bad.reply_to) is None:
+            reply = messages.encode_reply(bad.request_id, False, error=("malformed", bad.reason))
+            await self._send(bad.reply_to, [reply])
+        await self.dead_letter([entry], bad.reason, request_id=bad.request_id)
+
+    async def _reply_stream_problem(self, msg: Message) -> str | None:
+        problem = await self._reply_stream_problem_of(msg.reply_to)
+        return f"request {msg.request_id}: {problem}; nothing was done" if problem else None
+
+    async def _reply_stream_problem_of(self, reply_to: str) -> str | None:
+        kind = await self.r.type(reply_to)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if kind in ("none", "stream"):
+            return None
+        return f"reply_to {reply_to!r} is a Redis {kind}, not a stream"
+
+    async def _run(self, batch: list[tuple[Entry, Message]]) -> None:
         try:
             async with self._threads:
-                replies = await asyncio.to_thread(self.executor.run, [c for _, c in batch])
+                replies = await asyncio.to_thread(self.intake.run, [m for _, m in batch])
         except Transient as exc:
-            for entry, cmd in batch:
-                attempts = max(self._failures.get(entry.id, 0) + 1, entry.deliveries)
-                self._failures[entry.id] = attempts
-                log.warning("%s: request %s: attempt %d failed: %s", self.consumer, cmd.request_id, attempts, exc)
-                if attempts < self.config.max_failures:
-                    self.release([entry])  # stays pending: retried after the idle time
-                    continue
-                await self._reply(cmd, messages.encode_reply(cmd.request_id, False, error=("failed", str(exc))))
-                await self.dead_letter([entry], f"request {cmd.request_id}: failed {attempts} times: {exc}"[:500])
-                self._failures.pop(entry.id, None)
+            await self._transient(batch, exc)
             return
-        async with self.r.pipeline(transaction=False) as p:
-            for (_, cmd), reply in zip(batch, replies):
-                p.xadd(cmd.reply_to, {"msg": reply})
-                p.expire(cmd.reply_to, REPLY_TTL_S)
-            await p.execute()
-        await self.ack([e for e, _ in batch])
-        for e, _ in batch:
-            self._failures.pop(e.id, None)
+        for (entry, msg), reply in zip(batch, replies):
+            try:
+                await self._send(msg.reply_to, [reply])
+            except ReplyStreamInvalid as exc:  # replaced by another key type meanwhile
+                await self.dead_letter([entry], f"request {msg.request_id}: took effect, but {exc}",
+                                request_id=msg.request_id)
+                continue
+            await self._watch(msg, messages.decode_reply(reply))
+            await self.ack([entry])
+            self._failures.pop(entry.id, None)
 
-    async def _reply(self, cmd: Command, reply: bytes) -> None:
-        async with self.r.pipeline(transaction=False) as p:
-            p.xadd(cmd.reply_to, {"msg": reply})
-            p.expire(cmd.reply_to, REPLY_TTL_S)
-            await p.execute()
+    async def _transient(self, batch: list[tuple[Entry, Message]], exc: Exception) -> None:
+        for entry, msg in batch:
+            attempts = max(self._failures.get(entry.id, 0) + 1, entry.deliveries)
+            self._failures[entry.id] = attempts
+            log.warning("%s: request %s: attempt %d failed: %s", self.consumer, msg.request_id, attempts, exc)
+            if attempts < self.config.max_failures:
+                self.release([entry])  # stays pending: retried after the idle time
+                continue
+            why = f"request {msg.request_id}: failed {attempts} times: {exc}"[:500]
+            await self._answer_and_bury(entry, msg, ("failed", str(exc)), why)
+            self._failures.pop(entry.id, None)
+
+    async def _watch(self, msg: Message, reply: dict[str, Any]) -> None:
+        """A recorded command with host work: its host's worker will send the "done" reply."""
+        if reply.get("stage") != "recorded":
+            return
+        upto = max(reply["events"])
+        packed = messages.pack({"reply_to": msg.reply_to, "upto": upto})
+        if await watch(self.r, self.config.names, msg.vm, msg.request_id, packed, upto):
+            await self._send(msg.reply_to, [messages.encode_reply(msg.request_id, True, stage="done")])
+
+    async def _answer_and_bury(self, entry: Entry, msg: Message, error: tuple[str, str], why: str) -> None:
+        try:
+            await self._send(msg.reply_to, [messages.encode_reply(msg.request_id, False, error=error)])
+        except ReplyStreamInvalid as exc:
+            why += f"; no reply: {exc}"
+        await self.dead_letter([entry], why, request_id=msg.request_id)
+
+    async def _send(self, reply_to: str, replies: list[bytes]) -> None:
+        try:
+            async with self.r.pipeline(transaction=False) as p:
+                for reply in replies:
+                    p.xadd(reply_to, {"msg": reply})
+                p.expire(reply_to, REPLY_TTL_S)
+                await p.execute()
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                raise ReplyStreamInvalid(f"reply_to {reply_to!r} is not a stream") from exc
+            raise

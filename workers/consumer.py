@@ -157,6 +157,9 @@ class StreamConsumer:
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("%s: Redis unavailable (%s); retrying", self.consumer, exc)
                 await asyncio.sleep(0.5)
+            except Exception:  # a bug must not silently stop the consumer: say it, carry on
+                log.exception("%s: unexpected error; carrying on", self.consumer)
+                await asyncio.sleep(0.5)
 
     async def _read_loop(self, stop: asyncio.Event) -> None:
         async def once() -> None:
@@ -266,14 +269,24 @@ class StreamConsumer:
         for e in entries:
             self._held.pop(e.id, None)
 
-    async def dead_letter(self, entries: list[Entry], reason: str) -> None:
+    async def dead_letter(self, entries: list[Entry], reason: str, *, request_id: str | None = None) -> None:
+        """Set entries aside in `<prefix>:dead` with the reason, their original entry id and
+        stream, the request id where it was readable, and every original field."""
         async with self.r.pipeline(transaction=True) as p:
             for e in entries:
-                p.xadd(self.config.names.dead, {"msg": e.msg if e.msg is not None else b"", "reason": reason})
+                fields: dict[str | bytes, bytes | str] = {
+                    "msg": e.msg if e.msg is not None else b"", "reason": reason,
+                    "entry_id": e.id, "stream": self.stream,
+                }
+                if request_id:
+                    fields["request_id"] = request_id
+                for key, value in e.fields.items():
+                    if key != b"msg":
+                        fields[b"field:" + key] = value
+                p.xadd(self.config.names.dead, fields)  # type: ignore[arg-type]
             await p.execute()
         await self.ack(entries)
         log.warning("%s: dead-lettered %d entr(ies): %s", self.consumer, len(entries), reason)
-
 
 async def run_sync(fn: Callable[..., Any], *args: Any) -> Any:
     """eventsourcing has no asyncio API: every call into it runs in a thread."""

@@ -29,6 +29,8 @@ from adapters.config import open_app
 from adapters.redis_streams import COMMAND_GROUP, WORK_GROUP, RedisConfig, ensure_group
 from adapters.storage import DataDir
 from domain.application import Snaptree
+from service.api import Service
+from service.bootstrap import open_service
 from workers.command_consumer import CommandConsumer
 from workers.relay import Relay
 from workers.stream_worker import StreamWorker
@@ -55,13 +57,13 @@ async def serve(data: DataDir, config: RedisConfig, opts: ServeOptions, stop: as
             parts.append(("relay", lambda: relay.run(stop)))
         if opts.commands:
             await ensure_group(r, config.names.commands, COMMAND_GROUP)
-            consumer = CommandConsumer(await _retrying(lambda: _open_app(data)), data, opts.host, r, config)
+            consumer = CommandConsumer(await _retrying(lambda: _service(data, opts.host)), r, config)
             parts.append((consumer.consumer, lambda: consumer.run(stop, opts.grace)))
         if opts.workers > 0:
             await ensure_group(r, config.names.work(opts.host), WORK_GROUP)
-            app = await _retrying(lambda: _open_app(data, tracking=True))
+            svc = await _retrying(lambda: _service(data, opts.host))
             for _ in range(opts.workers):
-                worker = StreamWorker(app, data, opts.host, r, config)
+                worker = StreamWorker(svc, r, config)
                 parts.append((worker.consumer, _bind(worker, stop, opts.grace)))
         if not parts:
             raise ValueError("nothing to run: give --relay, --commands or --workers N")
@@ -75,11 +77,13 @@ async def serve(data: DataDir, config: RedisConfig, opts: ServeOptions, stop: as
         await r.aclose()
 
 
-def _open_app(data: DataDir, *, tracking: bool = False) -> Snaptree:
-    app = open_app(data)
-    if tracking:
-        app.factory.tracking_recorder()  # the table `Worker` uses, created once here
-    return app
+def _open_app(data: DataDir) -> Snaptree:
+    return open_app(data)
+
+
+def _service(data: DataDir, host: str) -> Service:
+    """Each role its own service: its own aggregate cache and database connections."""
+    return open_service(str(data.root), host)
 
 
 async def _retrying(make: Callable[[], T]) -> T:

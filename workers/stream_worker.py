@@ -1,14 +1,15 @@
 """A worker of one host in the scale-out mode: consumes `<prefix>:work:<host>` (group `workers`).
 
 A work item only names a VM (and the notification id that asked for it). The worker calls
-`Worker.drain(vm)` (workers/runner.py), which reads the VM's pending work off the aggregate under
+the service's worker (service/worker.py), which reads the VM's pending work off the aggregate under
 the per-VM file lock and performs it in aggregate-version order. So with any number of workers
 per host a VM's work takes effect in version order, and an item delivered twice, or after the
 work was already done, finds nothing left to do. Items for one VM that arrive while it is being
 drained are coalesced into one more drain.
 
 When a VM is idle again the worker adds `{vm, host, consumer, upto}` to `<prefix>:settled`
-(`upto` = the highest notification id whose work is now done): `snaptree submit` waits on it.
+(`upto` = the highest notification id whose work is now done) and sends the `stage: "done"`
+reply to every request that waits for this VM's work (adapters/redis_streams.py, `watch`).
 
 An item whose drain raises is retried (after the idle time, by any worker of the host); after
 `max_failures` attempts it goes to `<prefix>:dead` with the reason. A merge that keeps failing
@@ -29,14 +30,14 @@ from typing import Any, Callable
 import redis.asyncio as aioredis
 
 from adapters import messages
-from adapters.redis_streams import WORK_GROUP, RedisConfig
-from adapters.storage import DataDir
-from domain.application import Snaptree
+from adapters.redis_streams import WORK_GROUP, RedisConfig, mark_done
+from domain.commands import RecordMergeFailed
 from domain.errors import UnknownVM
 from domain.tree import MergeState
 from domain.work import WorkKind, pending_work
+from service.api import Service
+from service.worker import Worker
 from workers.consumer import Entry, StreamConsumer, consumer_name
-from workers.runner import Worker
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,7 @@ TEST_SLEEP_ENV = "SNAPTREE_TEST_ITEM_SLEEP"
 class StreamWorker(StreamConsumer):
     def __init__(
         self,
-        app: Snaptree,
-        data: DataDir,
-        host: str,
+        svc: Service,
         r: aioredis.Redis,
         config: RedisConfig,
         *,
@@ -56,15 +55,14 @@ class StreamWorker(StreamConsumer):
         on_item: Callable[[str, list[Entry]], None] | None = None,
         max_threads: int = 8,
     ) -> None:
+        host = svc.host
         super().__init__(
             r, config, config.names.work(host), WORK_GROUP, consumer or consumer_name(f"worker:{host}")
         )
-        self.app = app
-        self.data = data
+        self.svc = svc
         self.host = host
         self.on_item = on_item
         self._threads = asyncio.Semaphore(max_threads)
-        self._workers: dict[str, Worker] = {}
         self._failures: dict[str, int] = {}  # entry id -> failed attempts seen by this process
         self._test_sleep = float(os.environ.get(TEST_SLEEP_ENV) or 0)
 
@@ -89,33 +87,23 @@ class StreamWorker(StreamConsumer):
                 return
         if self._test_sleep and max(e.deliveries for e in entries) == 1:
             await asyncio.sleep(self._test_sleep)
-        worker = self._worker(vm)
-        failures_before = len(worker.effects.failures)
+        svc = self.svc
+        worker = Worker(svc.app, svc.data, svc.host, svc.disks, svc.machines)  # one per drain: own failures
+        failures_before = 0
         try:
             async with self._threads:
-                await asyncio.to_thread(self._drain, worker, vm)
+                await asyncio.to_thread(worker.drain, vm)
         except UnknownVM:
             await self.ack(entries)  # no such VM (any more): nothing to do
             return
         except Exception as exc:
             await self._failed(vm, entries, exc)
             return
-        new_failures = worker.effects.failures[failures_before:]
+        new_failures = worker.failures[failures_before:]
         await self.ack(entries)
         for e in entries:
             self._failures.pop(e.id, None)
         await self._settled(vm, entries, "; ".join(new_failures) or None)
-
-    def _drain(self, worker: Worker, vm: str) -> int:
-        return worker.drain(vm)
-
-    def _worker(self, vm: str) -> Worker:
-        worker = self._workers.get(vm)
-        if worker is None:
-            if len(self._workers) > 4096:
-                self._workers.clear()
-            worker = self._workers[vm] = Worker(self.app, self.data, self.host)
-        return worker
 
     async def _failed(self, vm: str, entries: list[Entry], exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"[:500]
@@ -140,12 +128,12 @@ class StreamWorker(StreamConsumer):
     def _record_failed_merge(self, vm: str, reason: str) -> None:
         """A merge that cannot complete shows up as failed in `snaptree merges`."""
         try:
-            agg = self.app.get_vm(vm)
+            agg = self.svc.app.get_vm(vm)
             items = pending_work(agg)
             if items and items[0].kind is WorkKind.MERGE and items[0].node_id is not None:
                 node = agg.nodes[items[0].node_id]
                 if node.merge_state in (MergeState.SCHEDULED, MergeState.RUNNING):
-                    self.app.merge_failed(vm, node.id, reason)
+                    self.svc.app.decide(RecordMergeFailed(vm, node.id, reason), vm=agg)
         except Exception:
             log.exception("%s: could not record the failed merge of VM %s", self.consumer, vm)
 
@@ -162,3 +150,15 @@ class StreamWorker(StreamConsumer):
         if error:
             msg["error"] = error
         await self.r.xadd(self.config.names.settled, {"msg": messages.pack(msg)})  # trimmed by the relay
+        for request_id, packed in (await mark_done(self.r, self.config.names, vm, upto)).items():
+            waiting = messages.unpack(packed)
+            rid = request_id.decode()
+            reply = (messages.encode_reply(rid, False, stage="done", error=("work_failed", error)) if error
+                     else messages.encode_reply(rid, True, stage="done"))
+            try:
+                async with self.r.pipeline(transaction=False) as p:
+                    p.xadd(str(waiting["reply_to"]), {"msg": reply})
+                    p.expire(str(waiting["reply_to"]), 86_400)
+                    await p.execute()
+            except Exception as exc:  # noqa: BLE001 - the producer replaced its stream: nothing to tell
+                log.warning("%s: done reply to %s lost: %s", self.consumer, rid, exc)

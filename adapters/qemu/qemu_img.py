@@ -1,24 +1,30 @@
 """Thin, typed wrapper around the ``qemu-img`` binary.
 
 Every snaptree disk operation (overlay creation, merge, audit) goes through here so that the
-rules measured on QEMU 7.2 (DESIGN.md §4) live in one place:
+rules measured on QEMU 7.2 (docs/architecture.md) live in one place:
 
 * backing files are always written as absolute paths (a relative one is resolved against the
   overlay's directory later, and ``blockdev-snapshot`` never rewrites the header);
 * read-only inspection (``info``, ``map``, ``check``) always passes ``-U`` so that it works on
   the images of a running VM, which QEMU keeps locked;
 * commands run without a shell, with absolute paths, and failures raise :class:`QemuImgError`.
+
+Backing files are read by :mod:`adapters.qemu.qcow2` (the one owner of that), not here.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
+
+from adapters.qemu import qcow2
+from adapters.qemu.errors import QemuImgError
 
 __all__ = [
     "QEMU_IMG",
@@ -44,46 +50,6 @@ QEMU_IMG: str = os.environ.get("SNAPTREE_QEMU_IMG", "qemu-img")
 Progress = Callable[[float], None]
 
 _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-
-
-class QemuImgError(Exception):
-    """A qemu tool exited with an unexpected status.
-
-    Keeps the full command and stderr for logs; ``str()`` is one line fit for a CLI error.
-    """
-
-    def __init__(
-        self,
-        cmd: Sequence[str],
-        returncode: int,
-        stderr: str,
-        *,
-        what: str | None = None,
-        detail: str | None = None,
-    ) -> None:
-        self.cmd: list[str] = list(cmd)
-        self.returncode: int = returncode
-        self.stderr: str = stderr
-        if what is None:
-            tool = os.path.basename(self.cmd[0]) if self.cmd else "qemu-img"
-            sub = self.cmd[1] if len(self.cmd) > 1 else ""
-            what = f"{tool} {sub}".strip()
-        self.what: str = what
-        if detail is None:
-            detail = _first_line(stderr)
-        super().__init__(f"{what} failed (exit {returncode}): {detail}")
-
-
-def _first_line(text: str) -> str:
-    """First non-empty line, without the ``qemu-img: `` prefix the tools put on every error."""
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            for prefix in ("qemu-img: ", "qemu-io: "):
-                if line.startswith(prefix):
-                    line = line[len(prefix):]
-            return line
-    return "(no error output)"
 
 
 def _abs(path: str | os.PathLike[str]) -> str:
@@ -112,18 +78,24 @@ def _run_with_progress(args: list[str], progress: Progress | None) -> None:
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
         assert proc.stdout is not None
+        stdout = cast(io.BufferedReader, proc.stdout)     # a buffered pipe: read1 returns early
         buf = b""
         last = -1.0
-        while chunk := proc.stdout.read1(4096):
-            buf += chunk
-            *parts, buf = re.split(rb"[\r\n]", buf)
-            for part in parts:
-                m = _PROGRESS_RE.search(part)
-                if m:
-                    frac = min(1.0, float(m.group(1)) / 100.0)
-                    if frac != last:
-                        last = frac
-                        progress(frac)
+        try:
+            while chunk := stdout.read1(4096):
+                buf += chunk
+                *parts, buf = re.split(rb"[\r\n]", buf)
+                for part in parts:
+                    m = _PROGRESS_RE.search(part)
+                    if m:
+                        frac = min(1.0, float(m.group(1)) / 100.0)
+                        if frac != last:
+                            last = frac
+                            progress(frac)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): the child stops with us
+            proc.kill()
+            proc.wait()
+            raise
         proc.stdout.close()
         rc = proc.wait()
         err.seek(0)
@@ -134,16 +106,13 @@ def _run_with_progress(args: list[str], progress: Progress | None) -> None:
         progress(1.0)
 
 
-def info(path: str, *, backing_chain: bool = False) -> dict[str, Any] | list[dict[str, Any]]:
-    """``qemu-img info --output=json -U``: a dict, or with backing_chain a list (top first).
+def info(path: str) -> dict[str, Any]:
+    """``qemu-img info --output=json -U`` of the image alone (its chain: ``qcow2.backing_chain``).
 
     The format is probed (no ``-f``) so that this also tells raw from qcow2.
     """
-    args = ["info", "--output=json", "-U"]
-    if backing_chain:
-        args.append("--backing-chain")
-    args.append(_abs(path))
-    return json.loads(_run(args).stdout)
+    data: dict[str, Any] = json.loads(_run(["info", "--output=json", "-U", _abs(path)]).stdout)
+    return data
 
 
 def is_qcow2(path: str) -> bool:
@@ -158,17 +127,17 @@ def is_qcow2(path: str) -> bool:
 
 
 def backing_file(path: str) -> str | None:
-    """Absolute path of the image's own backing file (``full-backing-filename``), or None."""
-    data = info(path)
-    assert isinstance(data, dict)
-    return data.get("full-backing-filename") or data.get("backing-filename") or None
+    """Absolute path of the image's own backing file (``full-backing-filename``), or None.
+
+    Read from the qcow2 header (``qcow2.backing_file``); raises a ``qcow2.Qcow2Error`` (a
+    QemuImgError) for a file that is not a readable qcow2 image.
+    """
+    return qcow2.backing_file(path)
 
 
 def virtual_size(path: str) -> int:
     """Guest-visible size in bytes."""
-    data = info(path)
-    assert isinstance(data, dict)
-    return int(data["virtual-size"])
+    return int(info(path)["virtual-size"])
 
 
 def create_image(path: str, size: int | str) -> None:
@@ -197,7 +166,7 @@ def create_overlay(path: str, backing: str) -> None:
         if not is_qcow2(path):
             raise ValueError(f"{path} exists and is not a qcow2 image")
         current = backing_file(path)
-        if current is None or os.path.normpath(current) != os.path.normpath(backing):
+        if current is None or not qcow2.same_file(current, backing):
             raise ValueError(f"{path} exists with backing file {current!r}, not {backing!r}")
         return
     directory = os.path.dirname(path)
@@ -207,6 +176,7 @@ def create_overlay(path: str, backing: str) -> None:
         if os.path.lexists(tmp):
             os.unlink(tmp)  # left by a crashed earlier run that had the same pid
         _run(["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", tmp])
+        os.chmod(tmp, 0o600)  # guest data: the owner's only, whatever the umask
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_path(directory)

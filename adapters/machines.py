@@ -1,0 +1,143 @@
+"""The service layer's `Machines` port on real QEMU processes, found by VM name.
+
+A VM's QEMU lives in `<data>/vms/<vm>/run/` (QMP socket 0600, pidfile, log) and outlives
+snaptree, so every operation first looks for a running process there; nothing is kept between
+commands. `attach` looks into /proc once and opens one QMP connection that the worker keeps for
+all the steps of one drain (adapters/qemu/session.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from adapters.qemu.devices import OVMF_VARS
+from adapters.qemu.hardware import MachineConfig
+from adapters.qemu.process import running_pid
+from adapters.qemu.session import LiveVM
+from adapters.storage import DataDir
+from domain.memory import LiveSwitch, SavedMemory, SaveMethod
+from domain.vm import VirtualMachine
+
+# VM settings snaptree keeps in a node's configuration (domain/definition.py) and hands to QEMU.
+CONFIG_KEYS = ("memory_mib", "cpus", "kernel", "initrd", "append", "machine", "accel", "cpu", "firmware",
+               "disk_bus", "disk_options", "cdrom", "nics", "display")
+CHUNK = 1 << 20
+NVRAM_NAME = "nvram.fd"
+
+
+def machine_config(config: dict[str, Any], nvram: str | None = None) -> MachineConfig:
+    known = {k: v for k, v in config.items() if k in CONFIG_KEYS and v is not None}
+    if config.get("qemu_args"):
+        known["extra_args"] = list(config["qemu_args"])  # type: ignore[call-overload]
+    if known.get("firmware") == "uefi":
+        known["nvram"] = nvram
+    return MachineConfig.from_dict(known)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class QemuLive:
+    """One running QEMU for the worker: the session facade, in the port's domain types."""
+
+    def __init__(self, live: LiveVM) -> None:
+        self._live = live
+
+    @property
+    def pid(self) -> int:
+        return self._live.pid
+
+    def active_layers(self) -> dict[str, str]:
+        return self._live.active_layers()
+
+    def switch(self, overlays: dict[str, str], state_path: str | None) -> LiveSwitch:
+        s = self._live.switch(overlays, state_path)
+        return LiveSwitch(
+            pause_ms=round(s.pause_ms, 3) if s.pause_ms is not None else None,
+            method=SaveMethod(s.method) if s.method else None,
+            qemu_downtime_ms=s.qemu_downtime_ms, memory_error=s.memory_error,
+        )
+
+    def saving(self) -> SaveMethod | None:
+        method = self._live.saving()
+        return SaveMethod(method) if method else None
+
+    def wait_saved(self, state_path: str, progress: Callable[[float], None]) -> SavedMemory:
+        saved = self._live.wait_saved(state_path, progress)
+        return SavedMemory(saved.bytes, saved.seconds, sha256_file(state_path))
+
+    def cancel_save(self, state_path: str) -> None:
+        self._live.cancel_save(state_path)
+
+    def commit_online(self, disk: str, top: str, base: str, progress: Callable[[float], None]) -> None:
+        self._live.commit_online(disk, top, base, progress)
+
+    def stream_online(self, disk: str, into: str, base: str, progress: Callable[[float], None]) -> None:
+        self._live.stream_online(disk, into, base, progress)
+
+    def run_state(self) -> str:
+        return self._live.run_state()
+
+    def stop(self) -> None:
+        self._live.stop()
+
+    def close(self) -> None:
+        self._live.close()
+
+
+class QemuMachines:
+    def __init__(self, data: DataDir) -> None:
+        self.data = data
+
+    def run_dir(self, vm_name: str) -> Path:
+        return self.data.vm_dir(vm_name) / "run"
+
+    def pid(self, vm_name: str) -> int | None:
+        return running_pid(self.run_dir(vm_name))
+
+    def probe(self, vm: VirtualMachine) -> tuple[str, int | None]:
+        live = self.attach(vm)
+        if live is None:
+            return "stopped", None
+        try:
+            return live.run_state(), live.pid
+        finally:
+            live.close()
+
+    def config(self, vm: VirtualMachine, config: dict[str, Any]) -> MachineConfig:
+        return machine_config(config, str(self.data.vm_dir(vm.name) / NVRAM_NAME))
+
+    def attach(self, vm: VirtualMachine) -> QemuLive | None:
+        node = vm.nodes[vm.current]
+        live = LiveVM.attach(self.run_dir(vm.name), self.config(vm, node.config), dict(node.layers))
+        return QemuLive(live) if live is not None else None
+
+    def start(self, vm: VirtualMachine, *, paused: bool) -> QemuLive:
+        node = vm.nodes[vm.current]
+        run_dir = self.data.private_dir(self.run_dir(vm.name))
+        config = self._prepared(self.config(vm, node.config))
+        return QemuLive(LiveVM.start(run_dir, config, dict(node.layers), paused=paused))
+
+    def restore(self, vm: VirtualMachine, layers: dict[str, str], config: dict[str, object],
+                state_path: str, *, paused: bool) -> QemuLive:
+        run_dir = self.data.private_dir(self.run_dir(vm.name))
+        machine = self._prepared(self.config(vm, dict(config)))
+        return QemuLive(LiveVM.restore(run_dir, machine, layers, state_path, paused=paused))
+
+    def _prepared(self, config: MachineConfig) -> MachineConfig:
+        """A UEFI VM's NVRAM starts as a copy of the firmware's empty variable store."""
+        if config.nvram is not None and not os.path.exists(config.nvram):
+            tmp = config.nvram + ".tmp"
+            shutil.copyfile(OVMF_VARS, tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, config.nvram)
+        return config
