@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
-from adapters.qemu.devices import OVMF_VARS
+from adapters.qemu.agent import AgentError, GuestAgent
+from adapters.qemu.devices import AGENT_CHARDEV, AGENT_SOCKET, OVMF_VARS
 from adapters.qemu.hardware import MachineConfig
 from adapters.qemu.process import running_pid
 from adapters.qemu.session import LiveVM
@@ -24,7 +26,7 @@ from domain.vm import VirtualMachine
 
 # VM settings snaptree keeps in a node's configuration (domain/definition.py) and hands to QEMU.
 CONFIG_KEYS = ("memory_mib", "cpus", "kernel", "initrd", "append", "machine", "accel", "cpu", "firmware",
-               "disk_bus", "disk_options", "cdrom", "nics", "display")
+               "disk_bus", "disk_options", "cdrom", "nics", "display", "agent")
 CHUNK = 1 << 20
 NVRAM_NAME = "nvram.fd"
 
@@ -47,10 +49,71 @@ def sha256_file(path: str) -> str:
 
 
 class QemuLive:
-    """One running QEMU for the worker: the session facade, in the port's domain types."""
+    """One running QEMU for the worker: the session facade, in the port's domain types, and
+    its guest agent (one connection, opened when first needed)."""
 
-    def __init__(self, live: LiveVM) -> None:
+    def __init__(self, live: LiveVM, agent_path: Path | None = None) -> None:
         self._live = live
+        self._agent_path = agent_path
+        self._agent: GuestAgent | None = None
+
+    # --- the guest agent ---
+
+    def _ga(self, timeout: float) -> GuestAgent:
+        if self._agent_path is None or not self._agent_path.exists():
+            raise AgentError("the VM has no guest agent channel")
+        if self._agent is None:
+            self._agent = GuestAgent(self._agent_path, timeout=timeout, connect=False)
+            self._agent.connect(timeout)
+        return self._agent
+
+    def agent_state(self, timeout: float = 1.0) -> str:
+        if self._agent_path is None or not self._agent_path.exists():
+            return "absent"
+        if not self._live.guest_opened(AGENT_CHARDEV):
+            return "absent"  # no agent runs in the guest: no reason to wait for one
+        try:
+            self._ga(timeout).sync(time.monotonic() + timeout)
+            return "connected"
+        except AgentError:
+            self._drop_agent()
+            return "unresponsive"
+
+    def freeze(self, timeout: float) -> int:
+        try:
+            return int(self._ga(timeout).fsfreeze_freeze(timeout=timeout))
+        except AgentError:
+            self._drop_agent()  # a reply that comes late must not be read as another's
+            raise
+
+    def thaw(self, timeout: float = 10.0) -> int:
+        """Thaw, retried until `timeout`: after a freeze that timed out the agent may still be
+        freezing, and answers the thaw once it is done."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return int(self._ga(min(2.0, timeout)).fsfreeze_thaw(timeout=min(2.0, timeout)))
+            except AgentError:
+                self._drop_agent()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+
+    def thaw_if_frozen(self) -> bool:
+        if self.agent_state() != "connected":
+            return False
+        if self._ga(1.0).fsfreeze_status() != "frozen":
+            return False
+        self.thaw()
+        return True
+
+    def set_time(self) -> None:
+        self._ga(2.0).set_time(time.time_ns())
+
+    def _drop_agent(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
 
     @property
     def pid(self) -> int:
@@ -88,9 +151,11 @@ class QemuLive:
         return self._live.run_state()
 
     def stop(self) -> None:
+        self._drop_agent()
         self._live.stop()
 
     def close(self) -> None:
+        self._drop_agent()
         self._live.close()
 
 
@@ -119,19 +184,22 @@ class QemuMachines:
     def attach(self, vm: VirtualMachine) -> QemuLive | None:
         node = vm.nodes[vm.current]
         live = LiveVM.attach(self.run_dir(vm.name), self.config(vm, node.config), dict(node.layers))
-        return QemuLive(live) if live is not None else None
+        return QemuLive(live, self._agent_path(vm)) if live is not None else None
 
     def start(self, vm: VirtualMachine, *, paused: bool) -> QemuLive:
         node = vm.nodes[vm.current]
         run_dir = self.data.private_dir(self.run_dir(vm.name))
         config = self._prepared(self.config(vm, node.config))
-        return QemuLive(LiveVM.start(run_dir, config, dict(node.layers), paused=paused))
+        return QemuLive(LiveVM.start(run_dir, config, dict(node.layers), paused=paused), self._agent_path(vm))
 
     def restore(self, vm: VirtualMachine, layers: dict[str, str], config: dict[str, object],
                 state_path: str, *, paused: bool) -> QemuLive:
         run_dir = self.data.private_dir(self.run_dir(vm.name))
         machine = self._prepared(self.config(vm, dict(config)))
-        return QemuLive(LiveVM.restore(run_dir, machine, layers, state_path, paused=paused))
+        return QemuLive(LiveVM.restore(run_dir, machine, layers, state_path, paused=paused), self._agent_path(vm))
+
+    def _agent_path(self, vm: VirtualMachine) -> Path:
+        return self.run_dir(vm.name) / AGENT_SOCKET
 
     def _prepared(self, config: MachineConfig) -> MachineConfig:
         """A UEFI VM's NVRAM starts as a copy of the firmware's empty variable store."""

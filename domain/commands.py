@@ -99,6 +99,8 @@ class CreateVM(Command):
     display: Display = arg(Display.NONE, help="none, or vnc (on 127.0.0.1)")
     qemu_arg: tuple[str, ...] = arg((), help="extra QEMU argument, for what the definition does not model",
                                     max_len=4096, max_items=64)
+    agent: bool = arg(True, help="a guest agent channel (virtio-serial org.qemu.guest_agent.0): quiesced"
+                                 " snapshots, clock resync after a restore")
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class SetVM(Command):
     display: Display | None = arg(None, help="none or vnc")
     qemu_arg: tuple[str, ...] | None = arg(None, help="the extra QEMU arguments, replacing all",
                                            max_len=4096, max_items=64)
+    agent: bool | None = arg(None, help="a guest agent channel")
 
 
 # --- snapshots ---

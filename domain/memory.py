@@ -80,6 +80,26 @@ class Memory:
         )
 
 
+class QuiesceState(str, Enum):
+    FROZEN = "frozen"  # the guest's filesystems were frozen through its agent around the pause
+    UNAVAILABLE = "unavailable"  # no agent answered (or the VM did not run): crash-consistent
+    FAILED = "failed"  # the freeze failed or timed out: crash-consistent, `reason` says why
+    OFF = "off"  # not asked for
+
+
+@dataclass(frozen=True)
+class QuiesceOutcome:
+    """How consistent a snapshot's disks are: what the freeze before its pause did."""
+
+    state: QuiesceState
+    filesystems: int | None = None  # how many the agent froze
+    frozen_ms: float | None = None  # freeze to thaw, as the worker timed it
+    reason: str | None = None
+
+    def label(self) -> str:
+        return f"{self.state.value}: {self.reason}" if self.state is QuiesceState.FAILED else self.state.value
+
+
 @dataclass(frozen=True)
 class LiveSwitch:
     """What the worker reports when a running VM's writes moved to new overlays (or it restarted).
@@ -97,6 +117,9 @@ class LiveSwitch:
     not_running: bool = False  # the VM was stopped: nothing to switch, no memory to save
     run_after: RunState | None = None  # the VM's run state when the step changed it
     pid: int | None = None
+    quiesce: QuiesceOutcome | None = None  # a take: the freeze around its pause
+    clock: str | None = None  # a restore: "resynced" | "not resynced: <why>"
+    thawed: bool = False  # a restore from a quiesced snapshot: the guest came back frozen, thawed
 
     @classmethod
     def from_legacy(cls, data: dict[str, Any] | None) -> LiveSwitch | None:

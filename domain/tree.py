@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any, Iterator
 from uuid import UUID
 
-from domain.memory import Memory, Resume
+from domain.memory import Memory, QuiesceOutcome, Resume
 
 
 class NodeKind(str, Enum):
@@ -72,6 +72,9 @@ class Node:
     flatten_seq: int = 0
     level: int = 0  # 0: a plain snapshot's layer; n: flattened over layers of level < n
     nvram: str | None = None  # a UEFI snapshot's copy of the variable store (taken with it)
+    quiesce: QuiesceOutcome | None = None  # a snapshot of a running VM: how consistent its disks are
+    quiesce_mode: str | None = None  # what its take asked for: auto | on | off
+    clock: str | None = None  # a current state restored from memory: was the guest's clock reset
     nvram_from: str | None = None  # a current state applied from a UEFI snapshot: restore this first
     memory_seq: int = 0  # aggregate version that asked for this node's memory to be saved
 

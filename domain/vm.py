@@ -62,6 +62,7 @@ class VirtualMachine(SnapshotCommands, WorkerReports, TreeQueries, Aggregate):
         def apply(self, vm: VirtualMachine) -> None:
             frozen = vm.nodes[self.snapshot_id]
             frozen.nvram = self.nvram_path
+            frozen.quiesce_mode = self.quiesce.value if self.quiesce is not None else None
             if self.memory_path is not None:
                 frozen.memory = Memory(MemoryState.REQUESTED, path=self.memory_path)
                 frozen.memory_seq = self.originator_version
@@ -112,10 +113,14 @@ class VirtualMachine(SnapshotCommands, WorkerReports, TreeQueries, Aggregate):
             if node.parent is not None and vm.nodes[node.parent].kind is NodeKind.SNAPSHOT:
                 frozen = vm.nodes[node.parent]
                 frozen.memory = _memory_after_switch(frozen.memory, live)
+                if live is not None and live.quiesce is not None:
+                    frozen.quiesce = live.quiesce
                 if frozen.memory is not None and frozen.memory.state is MemoryState.FAILED and frozen.memory.path:
                     vm.garbage[frozen.memory.path] = self.originator_version
             if live is not None and live.run_after is not None:
                 vm.run = RunRecord(live.run_after, live.pid)
+            if live is not None and live.clock is not None:
+                node.clock = live.clock
 
     class MemorySaved(Aggregate.Event):
         class_version = 1

@@ -90,6 +90,11 @@ def node_json(vm: VirtualMachine, node: Node, measure: Measure | None = None) ->
     }
     if node.kind is not NodeKind.HIDDEN:
         out["memory"] = memory_json(node)
+    if node.quiesce is not None:
+        q = node.quiesce
+        out["quiesce"] = {"state": q.label(), "filesystems": q.filesystems, "frozen_ms": q.frozen_ms}
+    if node.clock is not None:
+        out["clock"] = node.clock  # restored from memory: was the guest's clock set again
     if node.kind is NodeKind.CURRENT:
         out["chain_depth"] = chain_depth(vm.nodes, node.id)
         out["max_chain_depth"] = max_chain_depth(node.config)

@@ -32,7 +32,7 @@ def create_config(cmd: c.CreateVM) -> dict[str, Any]:
     config: dict[str, Any] = {
         "memory_mib": cmd.memory, "cpus": cmd.cpus, "max_chain_depth": cmd.max_chain_depth,
         "accel": Accel(cmd.accel).value, "firmware": Firmware(cmd.firmware).value,
-        "display": Display(cmd.display).value,
+        "display": Display(cmd.display).value, "agent": bool(cmd.agent),
     }
     if Firmware(cmd.firmware) is Firmware.UEFI:
         _need_file(OVMF_CODE, "UEFI firmware (Debian package ovmf)")
@@ -64,6 +64,8 @@ def set_changes(cmd: c.SetVM, current: dict[str, Any]) -> dict[str, Any]:
         changes["accel"] = Accel(cmd.accel).value
     if cmd.display is not None:
         changes["display"] = Display(cmd.display).value
+    if cmd.agent is not None:
+        changes["agent"] = bool(cmd.agent)
     for key in ("machine", "cpu"):
         value = getattr(cmd, key)
         if value is not None:
@@ -108,7 +110,9 @@ def definition_json(name: str, host: str, disks: dict[str, str], config: dict[st
         "display": config.get("display", "none"),
         "qemu_args": list(config.get("qemu_args") or []),
         "max_chain_depth": config.get("max_chain_depth", DEFAULT_MAX_CHAIN_DEPTH),
+        "agent": bool(config.get("agent", False)),  # VMs created before the agent had none
         "console": {"socket": "run/console.sock", "log": "run/console.log"},
+        **({"agent_socket": "run/qga.sock"} if config.get("agent") else {}),
     }
 
 

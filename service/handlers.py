@@ -18,7 +18,7 @@ from domain.application import Decided
 from domain import recovery
 from domain.errors import Conflict, InvalidArgument, Refused, VMExists, WrongHost
 from domain.vm import VirtualMachine
-from service import definition, queries
+from service import definition, queries, quiesce
 from service.disk_checks import check_disks, copy_disks, parse_disks
 from service.results import (
     ConfigSet, NodeMerged, Result, SnapshotApplied, SnapshotRenamed, SnapshotsDeleted,
@@ -138,6 +138,8 @@ def set_vm(cmd: c.SetVM, svc: Service, opts: Options) -> ConfigSet:
 
 
 def take_snapshot(cmd: c.TakeSnapshot, svc: Service, opts: Options) -> SnapshotTaken:
+    if cmd.quiesce is c.Quiesce.ON:
+        _need_agent(cmd, svc)
     decided = _undone_if_its_layers_fail(cmd, svc, opts, what=f"snapshot {cmd.name!r}")
     return SnapshotTaken(decided.vm, decided.result)
 
@@ -167,6 +169,21 @@ def _undone_if_its_layers_fail(cmd: c.Command, svc: Service, opts: Options, *, w
         svc.app.decide(c.AbandonWork(cmd.vm), vm=vm)
         svc.settle(cmd.vm, opts.progress)
         raise WorkFailed(f"{failed}; {what} was rolled back: nothing of it is recorded") from None
+
+
+def _need_agent(cmd: c.TakeSnapshot, svc: Service) -> None:
+    """`--quiesce on` refuses before anything is recorded when no agent answers."""
+    vm = _on_this_host(cmd, svc)
+    live = svc.machines.attach(vm)
+    if live is None:
+        raise Refused(f"--quiesce on: VM {cmd.vm!r} is not running, so no guest agent can freeze it")
+    try:
+        state = live.agent_state(quiesce.agent_timeout())
+    finally:
+        live.close()
+    if state != "connected":
+        raise Refused(f"--quiesce on: the guest agent of VM {cmd.vm!r} is {state}; nothing was taken"
+                      " (`--quiesce auto` takes a crash-consistent snapshot)")
 
 
 def retry_work(cmd: c.RetryWork, svc: Service, opts: Options) -> WorkChanged:

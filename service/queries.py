@@ -20,6 +20,7 @@ from domain.errors import UnknownVM
 from projections.read import read_merges, read_timeline, read_tree_view
 from projections.tree_view import failures_json, merges_json, tree_json
 from service.definition import definition_json
+from service.quiesce import agent_timeout
 from service.results import Document, VMStatus, vm_rows
 
 if TYPE_CHECKING:
@@ -80,8 +81,15 @@ def vm_status(q: c.GetVMStatus, svc: Service, _: Options) -> VMStatus:
     failures = failures_json(vm)
     if vm.host != svc.host:
         return VMStatus(vm.name, vm.run.state.value, vm.run.pid, vm.host, source="recorded", failures=failures)
-    state, pid = svc.machines.probe(vm)
-    return VMStatus(vm.name, state, pid, vm.host, failures=failures)
+    live = svc.machines.attach(vm)
+    if live is None:
+        return VMStatus(vm.name, "stopped", None, vm.host, failures=failures, agent="absent")
+    try:
+        state, pid = live.run_state(), live.pid
+        agent = live.agent_state(agent_timeout()) if state == "running" else "unresponsive"
+    finally:
+        live.close()
+    return VMStatus(vm.name, state, pid, vm.host, failures=failures, agent=agent)
 
 
 def vm_show(q: c.GetVMDefinition, svc: Service, _: Options) -> Document:

@@ -42,17 +42,21 @@ class VMStatus(Result):
     host: str
     source: str = "probe"  # "probe": asked QEMU on its host; "recorded": what its worker last saw
     failures: list[dict[str, Any]] = field(default_factory=list)
+    agent: str | None = None  # connected | absent | unresponsive (asked on the VM's host only)
 
     def json(self) -> dict[str, Any]:
         out = {"vm": self.vm, "state": self.state, "pid": self.pid, "host": self.host,
                "source": self.source}
+        if self.agent is not None:
+            out["agent"] = self.agent
         if self.failures:
             out["failures"] = self.failures  # host work waiting for `work retry` / `work abandon`
         return out
 
     def text(self) -> str:
         seen = "" if self.source == "probe" else " (as last recorded by its host)"
-        return f"{self.vm}\t{self.state}\tpid={self.pid}\thost={self.host}{seen}"
+        agent = f"\tagent={self.agent}" if self.agent is not None else ""
+        return f"{self.vm}\t{self.state}\tpid={self.pid}\thost={self.host}{agent}{seen}"
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,12 @@ class SnapshotTaken(Result):
         return self.vm.nodes[self.snapshot]
 
     def json(self) -> dict[str, Any]:
-        return {"vm": self.vm.name, "snapshot": str(self.snapshot), "name": self.node.name,
-                "memory": memory_json(self.node)}
+        out = {"vm": self.vm.name, "snapshot": str(self.snapshot), "name": self.node.name,
+               "memory": memory_json(self.node)}
+        q = self.node.quiesce
+        if q is not None:
+            out["quiesce"] = {"state": q.label(), "filesystems": q.filesystems, "frozen_ms": q.frozen_ms}
+        return out
 
     def text(self) -> str:
         mem = self.node.memory
@@ -95,6 +103,11 @@ class SnapshotTaken(Result):
             detail += f"; memory not saved: {mem.error}"
         elif mem is not None and mem.note:
             detail += f"; {mem.note}"
+        q = self.node.quiesce
+        if q is not None and q.state.value == "frozen":
+            detail += f"; {q.filesystems} filesystem(s) frozen {q.frozen_ms:.0f} ms"
+        elif q is not None and q.state.value != "off":
+            detail += f"; crash-consistent (quiesce {q.label()})"
         return f"took snapshot {self.node.name} ({self.snapshot}){detail}"
 
 

@@ -22,7 +22,7 @@ from domain.memory import LiveSwitch, MemoryState, Resume
 from domain.tree import Node
 from domain.vm import VirtualMachine
 from domain.work import WorkItem, WorkKind
-from service import flattening, merging
+from service import flattening, merging, quiesce
 from service.ports import EFFECT_ERRORS, LiveVM
 
 if TYPE_CHECKING:
@@ -65,10 +65,13 @@ class Drain:
     # --- what the steps share ---
 
     def live(self) -> LiveVM | None:
-        """The VM's running QEMU, attached once per drain (None when it does not run)."""
+        """The VM's running QEMU, attached once per drain (None when it does not run). A guest
+        a killed worker left frozen is thawed before anything else (service/quiesce.py)."""
         if not self._probed:
             self._live = self.w.machines.attach(self.vm)
             self._probed = True
+            if self._live is not None:
+                quiesce.thaw_left_frozen(self.w.data, self.vm.name, self._live)
         return self._live
 
     def running(self, live: LiveVM | None) -> None:
@@ -205,7 +208,8 @@ class Drain:
         state_path = parent.memory.path if asked and parent.memory is not None else None
         if state_path is not None:
             self.w.data.private_dir(os.path.dirname(state_path))
-        return live.switch(dict(node.layers), state_path)
+        return quiesce.switch_quiesced(self.w.data, self.vm.name, live, parent.quiesce_mode,
+                                       lambda: live.switch(dict(node.layers), state_path))
 
     def _restore(self, node: Node, parent: Node, live: LiveVM | None) -> LiveSwitch | None:
         if live is not None:  # QEMU still runs on the discarded current state
@@ -218,7 +222,8 @@ class Drain:
         restored = self.w.machines.restore(self.vm, dict(node.layers), dict(parent.config), mem.path,
                                            paused=paused)
         self.running(restored)
-        return LiveSwitch(restored_from=parent.id, pid=restored.pid,
+        clock, thawed = quiesce.after_restore(restored, parent, paused=paused)
+        return LiveSwitch(restored_from=parent.id, pid=restored.pid, clock=clock, thawed=thawed,
                           run_after=RunState.PAUSED if paused else RunState.RUNNING)
 
     # --- memory ---

@@ -144,6 +144,11 @@ class FakeLive:
     saving_to: str | None = None
     closed: bool = False
     fail_switch: str | None = None  # memory error to report on the next switch
+    agent: str = "absent"  # connected | absent | unresponsive
+    frozen: bool = False
+    freezes: int = 0
+    hang_freeze: bool = False  # the freeze times out (the guest's agent is stuck)
+    time_set: int = 0
 
     def active_layers(self) -> dict[str, str]:
         return dict(self.disks)
@@ -185,6 +190,29 @@ class FakeLive:
     def run_state(self) -> str:
         return "paused" if self.paused else "running"
 
+    def agent_state(self, timeout: float = 1.0) -> str:
+        return self.agent
+
+    def freeze(self, timeout: float) -> int:
+        if self.agent != "connected":
+            raise LiveError("no guest agent")
+        self.freezes += 1
+        self.frozen = True  # a stuck freeze may still complete later
+        if self.hang_freeze:
+            raise LiveError(f"guest-fsfreeze-freeze: no answer in {timeout} s")
+        return 2
+
+    def thaw(self, timeout: float = 10.0) -> int:
+        self.frozen = False
+        return 2
+
+    def thaw_if_frozen(self) -> bool:
+        was, self.frozen = self.frozen, False
+        return was
+
+    def set_time(self) -> None:
+        self.time_set += 1
+
     def stop(self) -> None:
         self.closed = True
 
@@ -200,6 +228,8 @@ class FakeMachines:
     probes: int = 0  # /proc checks a real adapter would make
     next_pid: int = 1000
     restores: list[str] = field(default_factory=list)
+    restore_agent: str = "absent"  # the guest agent of a restored VM
+    restore_frozen: bool = False  # restored from memory saved while its filesystems were frozen
 
     def pid(self, vm_name: str) -> int | None:
         self.probes += 1
@@ -229,7 +259,9 @@ class FakeMachines:
         if state_path not in self.images.files:
             raise LiveError(f"no memory state file {state_path}")
         self.restores.append(state_path)
-        return self._run(vm.name, FakeLive(self.images, dict(layers), self._pid(), paused))
+        live = FakeLive(self.images, dict(layers), self._pid(), paused, agent=self.restore_agent,
+                        frozen=self.restore_frozen)
+        return self._run(vm.name, live)
 
     def _run(self, name: str, live: FakeLive) -> FakeLive:
         self.attaches += 1

@@ -221,7 +221,8 @@ def test_snaptree_restart_with_a_vm_running(svc: Service, tmp_path: Path, kernel
     pid = status(svc)["pid"]
     # A new process: a new application on the same data directory, nothing in memory.
     again = open_service(str(svc.data.root), "testhost", environ={})
-    assert status(again) == {"vm": "live", "state": "running", "pid": pid, "host": "testhost", "source": "probe"}
+    assert status(again) == {"vm": "live", "state": "running", "pid": pid, "host": "testhost", "source": "probe",
+                             "agent": "absent"}  # the bare-metal guest runs no agent
     take(again, "after-restart")
     snap = again.app.get_vm("live").resolve_snapshot("after-restart")
     assert snap.memory is not None and snap.memory.state is MemoryState.SAVED

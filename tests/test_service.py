@@ -11,7 +11,7 @@ import pytest
 from adapters.config import open_app
 from adapters.storage import DataDir
 from domain import commands as c
-from domain.errors import Conflict, InvalidDisk, RequestIdReused, UnknownSnapshot, WrongHost
+from domain.errors import Conflict, InvalidDisk, Refused, RequestIdReused, UnknownSnapshot, WrongHost
 from domain.lifecycle import RunState
 from domain.memory import MemoryState
 from domain.requests import Execution
@@ -180,3 +180,82 @@ def test_unknown_snapshot_and_conflicts_record_nothing(world) -> None:  # type: 
     with pytest.raises(Conflict, match="still being taken"):
         svc.handle(c.ApplySnapshot("web", "s1"), wait=False)
     assert svc.app.get_vm("web").version == version + 3  # start asked, started, taken
+
+
+# --- quiesce (issue 12) on the fakes: the real guest agent is in test_agent.py ---
+
+
+def running_with_agent(svc: Service, machines: FakeMachines, agent: str = "connected") -> None:
+    create(svc)
+    svc.handle(c.StartVM("web"))
+    machines.running["web"].agent = agent
+
+
+def test_a_take_freezes_around_the_pause_and_records_it(world) -> None:  # type: ignore[no-untyped-def]
+    svc, _, machines = world
+    running_with_agent(svc, machines)
+    snap = svc.handle(c.TakeSnapshot("web", "q")).node  # type: ignore[attr-defined]
+    live = machines.running["web"]
+    assert snap.quiesce.state.value == "frozen" and snap.quiesce.filesystems == 2
+    assert live.freezes == 1 and not live.frozen
+    assert tree_node(svc, "q")["quiesce"]["state"] == "frozen"
+    off = svc.handle(c.TakeSnapshot("web", "o", quiesce=c.Quiesce.OFF)).node  # type: ignore[attr-defined]
+    assert off.quiesce.state.value == "off" and live.freezes == 1
+
+
+def test_quiesce_on_without_an_agent_is_refused_and_auto_goes_on_crash_consistent(world) -> None:  # type: ignore[no-untyped-def]
+    svc, _, machines = world
+    running_with_agent(svc, machines, agent="absent")
+    version = svc.app.get_vm("web").version
+    with pytest.raises(Refused, match="guest agent"):
+        svc.handle(c.TakeSnapshot("web", "x", quiesce=c.Quiesce.ON))
+    assert svc.app.get_vm("web").version == version  # nothing recorded
+    snap = svc.handle(c.TakeSnapshot("web", "a")).node  # type: ignore[attr-defined]
+    assert snap.quiesce.state.value == "unavailable"
+
+
+def test_a_hung_freeze_is_timed_out_recorded_and_thawed(world) -> None:  # type: ignore[no-untyped-def]
+    svc, _, machines = world
+    running_with_agent(svc, machines)
+    machines.running["web"].hang_freeze = True
+    snap = svc.handle(c.TakeSnapshot("web", "h")).node  # type: ignore[attr-defined]
+    assert snap.quiesce.state.value == "failed" and "no answer" in (snap.quiesce.reason or "")
+    assert not machines.running["web"].frozen  # thawed even though the freeze never answered
+    assert snap.memory.state is MemoryState.SAVED  # the snapshot is still taken, crash-consistent
+
+
+def test_a_worker_killed_between_freeze_and_thaw_leaves_the_next_one_to_thaw(world) -> None:  # type: ignore[no-untyped-def]
+    svc, _, machines = world
+    running_with_agent(svc, machines)
+    live = machines.running["web"]
+    real_switch, real_thaw = live.switch, live.thaw
+
+    def killed(*a, **k):  # type: ignore[no-untyped-def]
+        raise Crash()  # kill -9: not even the `finally` that thaws runs to its end
+
+    live.switch = live.thaw = killed  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        svc.handle(c.TakeSnapshot("web", "k"))
+    assert live.frozen  # what a kill -9 leaves
+    live.switch, live.thaw = real_switch, real_thaw  # type: ignore[method-assign]
+    svc.settle("web")  # the next worker thaws before anything else, then finishes the take
+    assert not live.frozen
+
+
+def test_an_apply_thaws_a_quiesced_guest_and_sets_its_clock(world) -> None:  # type: ignore[no-untyped-def]
+    svc, _, machines = world
+    running_with_agent(svc, machines)
+    svc.handle(c.TakeSnapshot("web", "q"))
+    machines.restore_agent, machines.restore_frozen = "connected", True
+    svc.handle(c.ApplySnapshot("web", "q"))
+    vm = svc.app.get_vm("web")
+    assert vm.nodes[vm.current].clock == "resynced"
+    assert machines.running["web"].time_set == 1 and not machines.running["web"].frozen
+    machines.restore_agent = "absent"
+    svc.handle(c.ApplySnapshot("web", "q"))
+    vm = svc.app.get_vm("web")
+    assert vm.nodes[vm.current].clock == "not resynced: guest agent absent"
+
+
+def tree_node(svc: Service, name: str) -> dict:  # type: ignore[type-arg]
+    return next(n for n in svc.handle(c.GetTree("web")).json()["nodes"] if n["name"] == name)  # type: ignore[no-any-return]

@@ -19,7 +19,6 @@ import click
 from adapters.cli.app import Ctx
 from adapters.cli.output import command
 from adapters.cli.vm import vm
-from adapters.qemu.devices import CONSOLE_LOG, CONSOLE_SOCKET
 from domain.errors import Conflict
 
 DETACH = b"\x1d"  # Ctrl-]
@@ -32,6 +31,8 @@ DETACH = b"\x1d"  # Ctrl-]
 @command
 def vm_console(ctx: Ctx, name: str, show_log: bool, follow: bool, as_json: bool) -> None:
     """Attach to VM's serial console (Ctrl-] detaches), or print its log with --log."""
+    from adapters.qemu.devices import CONSOLE_LOG, CONSOLE_SOCKET  # not on every `--help`
+
     run_dir = ctx.service.data.vm_dir(ctx.service.app.get_vm(name).name) / "run"
     if show_log or follow:
         _print_log(run_dir / CONSOLE_LOG, follow)

@@ -73,6 +73,10 @@ def _label(n: dict[str, Any]) -> str:
             head += f" [cyan]memory {mem['state']}{size}[/]"
         if mem.get("pause_ms") is not None:
             head += f" [dim]paused {mem['pause_ms']:.1f} ms[/]"
+        q = n.get("quiesce")
+        if q is not None and q["state"] != "off":
+            frozen = f", {q['filesystems']} fs frozen {q['frozen_ms']:.0f} ms" if q["state"] == "frozen" else ""
+            head += f" [dim]quiesce {q['state']}{frozen}[/]"
         files = "  ".join(f"{d}: {p} (frozen)" for d, p in n["disks"].items())
     if n.get("flatten"):
         f = n["flatten"]

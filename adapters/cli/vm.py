@@ -47,6 +47,8 @@ def definition_options(create: bool) -> Callable[[Callable[..., Any]], Callable[
         click.option("--max-chain-depth", type=click.IntRange(MIN_CHAIN_DEPTH, 4096),
                      default=DEFAULT_MAX_CHAIN_DEPTH if create else None, show_default=create,
                      help=h("max_chain_depth")),
+        click.option("--agent/--no-agent", default=True if create else None, show_default=create,
+                     help=h("agent")),
     ]
     if create:
         opts.append(click.option("--firmware", type=click.Choice([f.value for f in Firmware]),

@@ -18,6 +18,9 @@ from adapters.qemu.process import opt
 
 CONSOLE_SOCKET = "console.sock"
 CONSOLE_LOG = "console.log"
+AGENT_SOCKET = "qga.sock"
+AGENT_CHARDEV = "qga0"
+AGENT_PORT = "org.qemu.guest_agent.0"
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS.fd"
 NIC_SLOT = 0x18  # NIC i sits at 0x18 + i; disks at 0x10 + i (blockdev.py)
@@ -84,6 +87,14 @@ def console_args(c: MachineConfig, run_dir: Path) -> list[str]:
     return ["-chardev", f"socket,id=console,path={opt(sock)},server=on,wait=off,"
                         f"logfile={opt(log)},logappend=on",
             "-serial", "chardev:console"]
+
+
+def agent_args(c: MachineConfig, run_dir: Path) -> list[str]:
+    if not c.agent:
+        return []
+    return ["-device", "virtio-serial-pci,id=vser0,addr=0x1e",
+            "-chardev", f"socket,id={AGENT_CHARDEV},path={opt(run_dir / AGENT_SOCKET)},server=on,wait=off",
+            "-device", f"virtserialport,bus=vser0.0,chardev={AGENT_CHARDEV},name={AGENT_PORT}"]
 
 
 def display_args(c: MachineConfig) -> list[str]:

@@ -62,6 +62,7 @@ class MachineConfig:
     nics: list[dict[str, Any]] = field(default_factory=list)  # domain.definition.Nic.to_config()
     display: str = "none"             # none | vnc (127.0.0.1)
     console: bool = True              # serial console on run/console.sock, logged to run/console.log
+    agent: bool = False               # guest agent channel on run/qga.sock (off for VMs made before it)
     extra_args: list[str] = field(default_factory=list)
     qemu_binary: str = QEMU_BINARY
 

@@ -117,6 +117,7 @@ class QemuMachine:
         args += devices.firmware_args(c) + devices.boot_args(c)
         args += disk_args(self.disks, chains, c.disk_bus, c.disk_options)
         args += devices.cdrom_args(c) + devices.nic_args(c) + devices.console_args(c, self.run_dir)
+        args += devices.agent_args(c, self.run_dir)
         if paused or incoming:
             args.append("-S")
         if incoming:

@@ -121,6 +121,17 @@ class LiveVM:
         """"running" or "paused" (every QEMU state other than running counts as paused)."""
         return "running" if self._run(self._m.query_status()) == "running" else "paused"
 
+    def guest_opened(self, chardev: str) -> bool:
+        """Whether the guest has the virtio-serial port behind ``chardev`` open (its agent
+        runs): QEMU's answer, no wait on the guest."""
+        async def ask() -> bool:
+            for dev in await self._m.qmp.execute("query-chardev"):
+                if dev.get("label") == chardev:
+                    return bool(dev.get("frontend-open"))
+            return False
+
+        return self._run(ask())
+
     def active_layers(self) -> dict[str, str]:
         """disk -> the file the disk writes into now."""
         layers = self._run(block_graph.chains(self._m))
