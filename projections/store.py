@@ -257,12 +257,13 @@ class PostgresViewStore(ViewStore):
 
 
 def open_store(app: Application[Any]) -> ViewStore:
-    from eventsourcing.postgres import PostgresDatastore
     from eventsourcing.sqlite import SQLiteDatastore
 
     datastore = getattr(app.factory, "datastore", None)
     if isinstance(datastore, SQLiteDatastore):
         return SQLiteViewStore(app)
+    from eventsourcing.postgres import PostgresDatastore  # 0.2 s of imports: only when it is used
+
     if isinstance(datastore, PostgresDatastore):
         return PostgresViewStore(app)
     raise RuntimeError(f"projections need the SQLite or PostgreSQL store, not {type(datastore).__name__}")
