@@ -58,7 +58,9 @@ def _disk_chain(m: QemuMachine, disk: str, blocks: list[dict[str, Any]],
     root = None
     for b in blocks:
         qdev = b.get("qdev", "")
-        if qdev == f"/machine/peripheral/{dev}" or \
+        # A device with an id is named by it (scsi-hd, nvme, ide-hd); virtio-blk-pci's backend
+        # by its QOM path below the id.
+        if qdev in (dev, f"/machine/peripheral/{dev}") or \
                 qdev.startswith(f"/machine/peripheral/{dev}/") or b.get("device") == dev:
             root = b.get("inserted")
             break

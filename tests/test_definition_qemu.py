@@ -1,0 +1,84 @@
+"""The VM definition on real QEMU (issue 11): disks on every bus, a CD-ROM, VNC and an extra QEMU
+argument, through a live take with memory and an apply. The bare-metal test guest, TCG."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from adapters.qemu import qemu_img
+from domain import commands as c
+from domain.definition import Accel, Display
+from domain.memory import MemoryState
+from service.api import Service
+from service.bootstrap import open_service
+from tests.guest import build as guest_build
+from tests.guest import probe
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(guest_build.build_guest(tmp_path_factory.mktemp("guest")))
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[Service]:
+    s = open_service(str(tmp_path / "home"), "h", environ={})
+    yield s
+    for name in s.app.vm_names():
+        live = s.machines.attach(s.app.get_vm(name))
+        if live is not None:
+            live.stop()
+
+
+def qmp(svc: Service, vm: str, command: str) -> Any:
+    async def go() -> Any:
+        async with probe.attached(svc.data, svc.app.get_vm(vm)) as m:
+            return await m.qmp.execute(command)
+
+    return asyncio.run(go())
+
+
+def disks(tmp_path: Path, *specs: str) -> tuple[str, ...]:
+    out = []
+    for spec in specs:
+        name, _, opts = spec.partition(",")
+        path = tmp_path / f"{name}.qcow2"
+        qemu_img.create_image(str(path), 16 << 20)
+        out.append(f"{name}={path}" + (f",{opts}" if opts else ""))
+    return tuple(out)
+
+
+def test_scsi_ide_cdrom_vnc_through_a_live_take_and_an_apply(svc: Service, tmp_path: Path, kernel: str) -> None:
+    iso = tmp_path / "cd.iso"
+    iso.write_bytes(b"\0" * (1 << 20))
+    svc.handle(c.CreateVM("b", disk=disks(tmp_path, "s,bus=scsi,cache=none,discard=unmap", "i,bus=ide", "v"),
+                          memory=64, kernel=kernel, accel=Accel.TCG, cdrom=str(iso), display=Display.VNC,
+                          qemu_arg=("-device", "virtio-rng-pci,id=rng0")))
+    svc.handle(c.StartVM("b"))
+    blocks = {b.get("qdev"): b for b in qmp(svc, "b", "query-block")}
+    cd = blocks["cdrom"]["inserted"]
+    assert cd["ro"] and cd["file"] == str(iso)
+    vnc = qmp(svc, "b", "query-vnc")
+    assert vnc["enabled"] and vnc["host"] == "127.0.0.1"
+    with socket.create_connection(("127.0.0.1", int(vnc["service"])), timeout=5) as s:
+        assert s.recv(12).startswith(b"RFB ")  # a VNC server answers
+    snap = svc.handle(c.TakeSnapshot("b", "t1")).node  # type: ignore[attr-defined]
+    assert snap.memory.state is MemoryState.SAVED
+    assert set(snap.layers) == {"s", "i", "v"}  # the CD-ROM is never snapshotted
+    svc.handle(c.ApplySnapshot("b", "t1"))
+    assert svc.handle(c.GetVMStatus("b")).json()["state"] == "running"
+    assert "rng0" in str(qmp(svc, "b", "query-pci"))  # the extra argument made it
+
+
+def test_an_nvme_disk_gives_disk_only_live_snapshots_with_the_reason(svc: Service, tmp_path: Path, kernel: str) -> None:
+    svc.handle(c.CreateVM("n", disk=disks(tmp_path, "n,bus=nvme"), memory=64, kernel=kernel, accel=Accel.TCG))
+    svc.handle(c.StartVM("n"))
+    snap = svc.handle(c.TakeSnapshot("n", "t1")).node  # type: ignore[attr-defined]
+    assert snap.memory.state is MemoryState.FAILED
+    assert "non-migratable device" in (snap.memory.error or "")  # QEMU 7.2's NVMe controller
+    assert snap.ready and svc.app.get_vm("n").nodes[svc.app.get_vm("n").current].ready
