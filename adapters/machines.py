@@ -107,6 +107,16 @@ class QemuLive:
         self.thaw()
         return True
 
+    def freeze_status(self) -> str | None:
+        try:
+            return str(self._ga(1.0).fsfreeze_status())
+        except AgentError:
+            self._drop_agent()
+            return None
+
+    def resume(self) -> None:
+        self._live.resume()
+
     def set_time(self) -> None:
         self._ga(2.0).set_time(time.time_ns())
 

@@ -105,7 +105,7 @@ class CreateVM(Command):
 
 @dataclass(frozen=True)
 class StartVM(Command):
-    """Start the VM's QEMU on its current state."""
+    """Start the VM's QEMU on its current state (or resume a paused one)."""
 
     verb = "vm.start"
     host_work = True

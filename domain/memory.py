@@ -97,7 +97,8 @@ class QuiesceOutcome:
     reason: str | None = None
 
     def label(self) -> str:
-        return f"{self.state.value}: {self.reason}" if self.state is QuiesceState.FAILED else self.state.value
+        shown = self.state is QuiesceState.FAILED or (self.state is QuiesceState.FROZEN and self.reason)
+        return f"{self.state.value}: {self.reason}" if shown else self.state.value
 
 
 @dataclass(frozen=True)

@@ -107,9 +107,9 @@ def create_vm(cmd: c.CreateVM, svc: Service, opts: Options) -> VMCreated:
 def start_vm(cmd: c.StartVM, svc: Service, opts: Options) -> VMStatus:
     vm = _on_this_host(cmd, svc)
     state, pid = svc.machines.probe(vm)
-    if pid is not None:
-        raise Conflict(f"VM {cmd.vm!r} is already running (pid {pid})")
-    decided = _decide(cmd, svc, opts, settle_first=True)
+    if pid is not None and (state == "running" or cmd.paused):
+        raise Conflict(f"VM {cmd.vm!r} is already {state} (pid {pid})")
+    decided = _decide(cmd, svc, opts, settle_first=True)  # a paused VM's vCPUs run again
     return _status(decided.vm, svc, opts)
 
 

@@ -60,7 +60,9 @@ class LiveVM(Protocol):
     def agent_state(self, timeout: float = 1.0) -> str: ...  # connected | absent | unresponsive
     def freeze(self, timeout: float) -> int: ...  # filesystems frozen
     def thaw(self, timeout: float = 10.0) -> int: ...
-    def thaw_if_frozen(self) -> bool: ...  # a worker killed between freeze and thaw left it frozen
+    def thaw_if_frozen(self) -> bool: ...
+    def freeze_status(self) -> str | None: ...  # frozen | thawed; None: no agent answers
+    def resume(self) -> None: ...  # a paused VM's vCPUs run again  # a worker killed between freeze and thaw left it frozen
     def set_time(self) -> None: ...  # the guest's clock from the host's
 
 

@@ -29,6 +29,12 @@ def freeze_timeout() -> float:
     return float(os.environ.get("SNAPTREE_FREEZE_TIMEOUT", "10"))
 
 
+def thaw_timeout() -> float:
+    """How long a thaw is retried: after a freeze that timed out the agent first finishes
+    freezing (its commands run one at a time), so this must outlast any freeze."""
+    return max(30.0, 2 * freeze_timeout(), float(os.environ.get("SNAPTREE_THAW_TIMEOUT", "30")))
+
+
 def agent_timeout() -> float:
     return float(os.environ.get("SNAPTREE_AGENT_TIMEOUT", "1"))
 
@@ -49,34 +55,44 @@ def switch_quiesced(data: DataDir, vm: str, live: LiveVM, mode: str | None,
         if mode == "on":
             raise MachineError(f"--quiesce on: the guest agent is {state}; nothing was taken")
         return replace(switch(), quiesce=QuiesceOutcome(QuiesceState.UNAVAILABLE, reason=f"agent {state}"))
+    if live.freeze_status() == "frozen":
+        # Someone else (a backup tool) froze it: theirs to thaw, ours only to record.
+        return replace(switch(), quiesce=QuiesceOutcome(
+            QuiesceState.FAILED, reason="the guest was already frozen by another client; left as it was"))
+    _mark(data, vm)  # before the freeze: a killed worker's successor thaws
     marker = _marker(data, vm)
-    data.private_dir(os.path.dirname(marker))
-    with open(marker, "w") as f:  # before the freeze: a killed worker's successor thaws
-        os.fsync(f.fileno())
     started = time.monotonic()
     try:
         count = live.freeze(freeze_timeout())
     except MachineError as exc:
-        _thaw(live, marker)
+        left = _thaw(live, marker)  # the agent may finish the freeze after it stopped waiting
         if mode == "on":
-            raise MachineError(f"--quiesce on: the freeze failed ({exc}); nothing was taken") from None
-        return replace(switch(), quiesce=QuiesceOutcome(QuiesceState.FAILED, reason=str(exc)))
+            raise MachineError(f"--quiesce on: the freeze failed ({exc}); nothing was taken"
+                               + (f"; {left}" if left else "")) from None
+        reason = str(exc) + (f"; {left}" if left else "")
+        return replace(switch(), quiesce=QuiesceOutcome(QuiesceState.FAILED, reason=reason))
+    left: str | None = None
     try:
         result = switch()
     finally:
-        _thaw(live, marker)
+        left = _thaw(live, marker)
     frozen_ms = round((time.monotonic() - started) * 1000, 3)
-    return replace(result, quiesce=QuiesceOutcome(QuiesceState.FROZEN, count, frozen_ms))
+    return replace(result, quiesce=QuiesceOutcome(QuiesceState.FROZEN, count, frozen_ms, reason=left))
 
 
-def _thaw(live: LiveVM, marker: str) -> None:
+def _thaw(live: LiveVM, marker: str) -> str | None:
+    """Thaw; None when done, else what to tell the user (the marker stays: every later worker
+    run tries again)."""
     try:
-        live.thaw(freeze_timeout())
+        live.thaw(thaw_timeout())
+        if live.freeze_status() == "frozen":  # a freeze that finished after the thaw
+            live.thaw(thaw_timeout())
     except MachineError as exc:
-        # Left in place: the next worker that attaches tries again.
-        log.error("thawing the guest's filesystems failed: %s; the next worker run tries again", exc)
-        return
+        log.error("the guest's filesystems may still be frozen: the thaw failed (%s)", exc)
+        return (f"THE THAW FAILED ({exc}): the guest's filesystems may still be frozen;"
+                " `snaptree worker run --until-idle` tries again")
     os.unlink(marker)
+    return None
 
 
 def thaw_left_frozen(data: DataDir, vm: str, live: LiveVM) -> None:
@@ -92,11 +108,34 @@ def thaw_left_frozen(data: DataDir, vm: str, live: LiveVM) -> None:
     os.unlink(marker)
 
 
-def after_restore(live: LiveVM, snapshot: Node, *, paused: bool) -> tuple[str, bool]:
+def _mark(data: DataDir, vm: str) -> None:
+    marker = _marker(data, vm)
+    data.private_dir(os.path.dirname(marker))
+    with open(marker, "w") as f:
+        os.fsync(f.fileno())
+
+
+def marked(data: DataDir, vm: str) -> bool:
+    return os.path.exists(_marker(data, vm))
+
+
+def after_resume(data: DataDir, vm: str, live: LiveVM) -> None:
+    """A paused VM resumed: thaw it if it came back frozen, and set its clock."""
+    thaw_left_frozen(data, vm, live)
+    if live.agent_state(max(3.0, agent_timeout())) == "connected":
+        try:
+            live.set_time()
+        except MachineError as exc:
+            log.warning("VM %s: the guest's clock was not set: %s", vm, exc)
+
+
+def after_restore(data: DataDir, vm: str, live: LiveVM, snapshot: Node, *, paused: bool) -> tuple[str, bool]:
     """A guest restored from memory: thaw it if the snapshot was quiesced (its memory was saved
     frozen), then set its clock from the host's. Returns (clock note, thawed)."""
     if paused:
-        return "not resynced: restored paused (the agent runs once the VM does)", False
+        if snapshot.quiesce is not None and snapshot.quiesce.state is QuiesceState.FROZEN:
+            _mark(data, vm)  # it comes back frozen: the start that resumes it thaws it
+        return "not resynced: restored paused (`snaptree vm start` resumes it and sets it)", False
     state = live.agent_state(max(3.0, agent_timeout()))
     if state != "connected":
         return f"not resynced: guest agent {state}", False

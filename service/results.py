@@ -106,6 +106,7 @@ class SnapshotTaken(Result):
         q = self.node.quiesce
         if q is not None and q.state.value == "frozen":
             detail += f"; {q.filesystems} filesystem(s) frozen {q.frozen_ms:.0f} ms"
+            detail += f"; {q.reason}" if q.reason else ""
         elif q is not None and q.state.value != "off":
             detail += f"; crash-consistent (quiesce {q.label()})"
         return f"took snapshot {self.node.name} ({self.snapshot}){detail}"

@@ -222,7 +222,7 @@ class Drain:
         restored = self.w.machines.restore(self.vm, dict(node.layers), dict(parent.config), mem.path,
                                            paused=paused)
         self.running(restored)
-        clock, thawed = quiesce.after_restore(restored, parent, paused=paused)
+        clock, thawed = quiesce.after_restore(self.w.data, self.vm.name, restored, parent, paused=paused)
         return LiveSwitch(restored_from=parent.id, pid=restored.pid, clock=clock, thawed=thawed,
                           run_after=RunState.PAUSED if paused else RunState.RUNNING)
 
@@ -267,6 +267,9 @@ class Drain:
             if live is None:
                 live = self.w.machines.start(self.vm, paused=request.paused)
                 self.running(live)
+            elif live.run_state() == "paused" and not request.paused:
+                live.resume()  # e.g. restored paused from a snapshot's memory
+                quiesce.after_resume(self.w.data, self.vm.name, live)
             state = RunState.RUNNING if live.run_state() == "running" else RunState.PAUSED
             self.report(c.RecordRun(self.vm.name, state, live.pid))
         else:

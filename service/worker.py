@@ -18,6 +18,7 @@ from domain.application import Snaptree
 from domain.vm import VirtualMachine
 from domain.work import pending_work
 from service.ports import Disks, Machines
+from service import quiesce
 from service.steps import Drain
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ class Worker:
         name = vm if isinstance(vm, str) else vm.name
         agg = self.fresh(vm) if isinstance(vm, VirtualMachine) else self.app.get_vm(name)
         if not pending_work(agg):
+            if quiesce.marked(self.data, name):  # a guest a killed worker left frozen
+                live = self.machines.attach(agg)
+                if live is not None:
+                    try:
+                        quiesce.thaw_left_frozen(self.data, name, live)
+                    finally:
+                        live.close()
             return agg  # nothing to do: touch no file (a refused command leaves none behind)
         self.data.private_dir(self.data.vm_dir(name))
         with vm_lock(self.data, name):

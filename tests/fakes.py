@@ -213,6 +213,14 @@ class FakeLive:
     def set_time(self) -> None:
         self.time_set += 1
 
+    def freeze_status(self) -> str | None:
+        if self.agent != "connected":
+            return None
+        return "frozen" if self.frozen else "thawed"
+
+    def resume(self) -> None:
+        self.paused = False
+
     def stop(self) -> None:
         self.closed = True
 

@@ -82,3 +82,46 @@ def test_an_nvme_disk_gives_disk_only_live_snapshots_with_the_reason(svc: Servic
     assert snap.memory.state is MemoryState.FAILED
     assert "non-migratable device" in (snap.memory.error or "")  # QEMU 7.2's NVMe controller
     assert snap.ready and svc.app.get_vm("n").nodes[svc.app.get_vm("n").current].ready
+
+
+def test_vm_console_attaches_and_ctrl_bracket_detaches(tmp_path: Path) -> None:
+    """`vm console VM` relays the serial console both ways; Ctrl-] detaches, the guest runs on."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.guest.linux.build import build_linux_guest, default_cache_dir
+    from tests.guest.linux.disk import make_data_disk
+
+    guest = build_linux_guest(os.environ.get("SNAPTREE_LINUX_GUEST_CACHE", default_cache_dir()))
+    disk = make_data_disk(tmp_path / "data.qcow2")
+    env = dict(os.environ, SNAPTREE_HOME=str(tmp_path / "home"))
+    cli = [sys.executable, "-m", "adapters.cli"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    assert run("vm", "create", "con", "--accel", "tcg", "--disk", f"data={disk}", "--kernel", str(guest.kernel),
+               "--initrd", str(guest.initrd), "--append", guest.append(50)).returncode == 0
+    assert run("vm", "start", "con").returncode == 0
+    try:
+        log = tmp_path / "home" / "vms" / "con" / "run" / "console.log"
+        deadline = time.monotonic() + 120
+        while b"SNAPTREE-LINE" not in (log.read_bytes() if log.exists() else b""):
+            assert time.monotonic() < deadline, "the guest never wrote its console"
+            time.sleep(0.5)
+        attach = subprocess.Popen([*cli, "vm", "console", "con"], env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(2)  # lines keep coming on the console while attached
+        assert attach.stdin is not None
+        attach.stdin.write(b"\x1d")  # Ctrl-]
+        attach.stdin.flush()
+        out, err = attach.communicate(timeout=20)
+        assert attach.returncode == 0, err
+        assert b"SNAPTREE-LINE" in out and b"Ctrl-] detaches" in err
+        assert run("vm", "status", "con").stdout.split("\t")[1] == "running"  # detaching left it running
+        shown = run("vm", "console", "con", "--log")
+        assert shown.returncode == 0 and "SNAPTREE-GUEST boot_id=" in shown.stdout
+    finally:
+        run("vm", "stop", "con")

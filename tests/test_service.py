@@ -19,6 +19,7 @@ from domain.tree import MergeState, NodeKind
 from domain.work import pending_work
 from service.api import Service
 from service.worker import WorkFailed
+from adapters.qemu.errors import LiveError
 from tests.fakes import Crash, FakeImages, FakeMachines
 
 HOST = "h1"
@@ -259,3 +260,37 @@ def test_an_apply_thaws_a_quiesced_guest_and_sets_its_clock(world) -> None:  # t
 
 def tree_node(svc: Service, name: str) -> dict:  # type: ignore[type-arg]
     return next(n for n in svc.handle(c.GetTree("web")).json()["nodes"] if n["name"] == name)  # type: ignore[no-any-return]
+
+
+def test_a_thaw_that_fails_is_said_and_a_paused_restore_is_thawed_when_started(world) -> None:  # type: ignore[no-untyped-def]
+    svc, _, machines = world
+    running_with_agent(svc, machines)
+    live = machines.running["web"]
+    live.hang_freeze = True
+    real_thaw = live.thaw
+
+    def stuck(timeout: float = 10.0) -> int:
+        raise LiveError("guest-fsfreeze-thaw: no answer")
+
+    live.thaw = stuck  # type: ignore[method-assign]
+    snap = svc.handle(c.TakeSnapshot("web", "h")).node  # type: ignore[attr-defined]
+    assert "THE THAW FAILED" in (snap.quiesce.reason or "") and live.frozen
+    live.thaw, live.hang_freeze = real_thaw, False  # type: ignore[method-assign]
+    svc.worker().drain("web")  # idle, but the marker says a guest may be frozen
+    assert not live.frozen
+    svc.handle(c.TakeSnapshot("web", "q"))
+    machines.restore_agent, machines.restore_frozen = "connected", True
+    svc.handle(c.ApplySnapshot("web", "q", paused=True))
+    restored = machines.running["web"]
+    assert restored.paused and restored.frozen
+    svc.handle(c.StartVM("web"))  # resumes it, thaws it, sets its clock
+    assert not restored.paused and not restored.frozen and restored.time_set == 1
+
+
+def test_someone_elses_freeze_is_left_alone(world) -> None:  # type: ignore[no-untyped-def]
+    svc, _, machines = world
+    running_with_agent(svc, machines)
+    machines.running["web"].frozen = True  # a backup tool froze it
+    snap = svc.handle(c.TakeSnapshot("web", "b")).node  # type: ignore[attr-defined]
+    assert snap.quiesce.state.value == "failed" and "another client" in (snap.quiesce.reason or "")
+    assert machines.running["web"].frozen

@@ -109,7 +109,7 @@ def vm_list(ctx: Ctx, as_json: bool) -> None:
 @wait_option
 @command
 def vm_start(ctx: Ctx, vm: str, paused: bool, no_wait: bool, as_json: bool) -> None:
-    """Start VM's QEMU on its current state (after the work recorded before)."""
+    """Start VM's QEMU on its current state (after the work recorded before), or resume it if paused."""
     ctx.run(c.StartVM(vm, paused=paused), as_json, wait=not no_wait)
 
 

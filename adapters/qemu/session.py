@@ -121,6 +121,13 @@ class LiveVM:
         """"running" or "paused" (every QEMU state other than running counts as paused)."""
         return "running" if self._run(self._m.query_status()) == "running" else "paused"
 
+    def resume(self) -> None:
+        """Run a paused VM's vCPUs (QMP cont)."""
+        async def cont() -> None:
+            await self._m.qmp.execute("cont")
+
+        self._run(cont())
+
     def guest_opened(self, chardev: str) -> bool:
         """Whether the guest has the virtio-serial port behind ``chardev`` open (its agent
         runs): QEMU's answer, no wait on the guest."""
