@@ -116,10 +116,15 @@ def ancestors(nodes: dict[UUID, Node], node_id: UUID) -> Iterator[Node]:
 
 def descendants(nodes: dict[UUID, Node], node_id: UUID) -> list[Node]:
     """Every node whose reads go through `node_id`'s layers, deepest first (post-order)."""
-    out: list[Node] = []
     kids: dict[UUID | None, list[Node]] = {}
     for n in nodes.values():
         kids.setdefault(n.parent, []).append(n)
+    return _post_order(kids, node_id)
+
+
+def _post_order(kids: dict[UUID | None, list[Node]], node_id: UUID) -> list[Node]:
+    """Every node below `node_id` in `kids`, deepest first, siblings oldest first."""
+    out: list[Node] = []
 
     def walk(nid: UUID) -> None:
         for child in sorted(kids.get(nid, []), key=lambda n: n.created_at):
@@ -152,19 +157,11 @@ def logical_children(nodes: dict[UUID, Node], node_id: UUID) -> list[Node]:
 
 def logical_descendants(nodes: dict[UUID, Node], node_id: UUID) -> list[Node]:
     """Every node below `node_id` in the tree as the user made it, deepest first."""
-    out: list[Node] = []
     kids: dict[UUID | None, list[Node]] = {}
     for n in nodes.values():
         up = logical_parent(nodes, n)
         kids.setdefault(up.id if up is not None else None, []).append(n)
-
-    def walk(nid: UUID) -> None:
-        for child in sorted(kids.get(nid, []), key=lambda n: n.created_at):
-            walk(child.id)
-            out.append(child)
-
-    walk(node_id)
-    return out
+    return _post_order(kids, node_id)
 
 
 def forget_origin(nodes: dict[UUID, Node], gone: Node) -> None:

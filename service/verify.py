@@ -10,7 +10,6 @@ but at the root, and hidden nodes with < 2 dependents once no work is pending.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Iterable
 
 from adapters import images
 from adapters.images import QcowImages
-from adapters.machines import QemuMachines
+from adapters.machines import QemuMachines, sha256_file
 from adapters.qemu import qcow2, qemu_img
 from adapters.storage import DataDir
 from adapters.vm_lock import LOCK_NAME, vm_lock
@@ -30,7 +29,6 @@ from domain.vm import VirtualMachine
 from domain.work import pending_work
 from service.disk_checks import Claim, claims
 
-CHUNK = 1 << 20
 RUN_DIR = "run"  # adapters/machines.py: a running QEMU's socket, pidfile and logs
 
 # Finding kinds (stable: scripts match on them).
@@ -334,12 +332,3 @@ def _files(folder: Path, skip: Path) -> Iterable[str]:
 
 def _layers(vm: VirtualMachine) -> set[str]:
     return {os.path.realpath(p) for n in vm.nodes.values() for p in n.layers.values()}
-
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
