@@ -413,6 +413,15 @@ class Daemons:
                 log(f"stopping {name} (pid {pid}), started by this run")
                 self._stop(pid)
         self.started.clear()
+        try:  # keep only the entries of daemons still running
+            keep = [ln for ln in self.MARK.read_text().splitlines()
+                    if len(ln.split()) == 2 and ln.split()[1].isdigit() and alive(int(ln.split()[1]))]
+            if keep:
+                self.MARK.write_text("".join(f"{ln}\n" for ln in keep))
+            else:
+                self.MARK.unlink()
+        except OSError:
+            pass
 
 
 def virsh(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -882,7 +891,15 @@ def section(res: dict[str, Any], argv: list[str]) -> str:
     return "\n".join(md)
 
 
-def main() -> int:
+def markdown_section(quick: bool = False) -> str:
+    """The whole benchmark as a markdown section, for a caller such as run_all.py
+    (quick: 256 MiB only, 2 rounds, 16 MiB merges -- a smoke run, not for the targets)."""
+    argv = ["--sizes", "256", "--rounds", "2", "--merge-mib", "16", "--stopped", "first"] if quick else []
+    args = build_parser().parse_args(argv)
+    return section(measure(args), argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="256,1024", help="guest RAM sizes in MiB")
     ap.add_argument("--rounds", type=int, default=5, help="runs per row and side (medians)")
@@ -895,7 +912,11 @@ def main() -> int:
     ap.add_argument("--leave-daemons", action="store_true", help="leave libvirtd/virtlogd running if this run started them")
     ap.add_argument("--markdown", action="store_true", help="also print the section as markdown")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     res = measure(args)
     print(f"QEMU: {res['versions']['qemu']}")
     print(f"libvirt: {res['versions']['libvirt']}")
