@@ -69,6 +69,8 @@ def test_scsi_ide_cdrom_vnc_through_a_live_take_and_an_apply(svc: Service, tmp_p
         assert s.recv(12).startswith(b"RFB ")  # a VNC server answers
     snap = svc.handle(c.TakeSnapshot("b", "t1")).node  # type: ignore[attr-defined]
     assert snap.memory.state is MemoryState.SAVED
+    import hashlib  # the digest hashed while QEMU wrote the file is the file's
+    assert snap.memory.sha256 == hashlib.sha256(Path(snap.memory.path).read_bytes()).hexdigest()
     assert set(snap.layers) == {"s", "i", "v"}  # the CD-ROM is never snapshotted
     svc.handle(c.ApplySnapshot("b", "t1"))
     assert svc.handle(c.GetVMStatus("b")).json()["state"] == "running"
