@@ -17,7 +17,9 @@ except the offline merge, which no other script measures):
   100 and 500 snapshots already in the tree;
 - bench_audit.generate + projections.decoding.fold: event replay/s;
 - bench_redis.latency: event -> worker latency through Redis Streams (needs the servers of
-  `make test`; scripts/services.sh is run first).
+  `make test`; scripts/services.sh is run first);
+- bench_libvirt.markdown_section: libvirt 9.0 side by side on the same guest, interleaved
+  (installs and starts libvirt when missing: `make bench` only, never the tests).
 
 The machine is described from the same run: CPU model, cores, memory, kernel, QEMU version, load
 average before and after (and sampled during), free disk space.
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_audit  # noqa: E402
 import bench_domain  # noqa: E402
+import bench_libvirt  # noqa: E402
 import bench_live_service as bls  # noqa: E402
 from adapters.config import open_app  # noqa: E402
 from adapters.qemu import qemu_img  # noqa: E402
@@ -321,6 +324,9 @@ def main() -> int:
            "on the embedded SQLite store without disk work. Redis latency: commit of an event -> a "
            "stream worker of its host has the item (relay + worker in one process, PostgreSQL store).",
            ""]
+    # libvirt side by side (bench_libvirt.py: it installs and starts libvirt when missing).
+    md += [attempt("libvirt baseline", lambda: bench_libvirt.markdown_section(q), errors)
+           or f"## snaptree vs libvirt (issue 13)\n\nnot measured: {errors.get('libvirt baseline')}", ""]
     Path(args.out).write_text("\n".join(md))
     print(f"\n(written to {args.out}; {elapsed:.0f} s; load before {load_before}, after {load_after})")
     return 1 if errors else 0
