@@ -14,6 +14,7 @@ again after every change until nothing moves (the cascade).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from enum import Enum
 from uuid import UUID
 
@@ -115,7 +116,8 @@ def needs_flatten(nodes: dict[UUID, Node], current: UUID, limit: int) -> Node | 
     """The snapshot under the current state to flatten when the current state's reads would go
     through more than `limit` layers below its own (None: they would not)."""
     node = nodes[current]
-    if node.parent is None or sum(1 for _ in ancestors(nodes, current)) <= limit:
+    # Only whether it passes the limit matters: walk no further (a take stays O(limit)).
+    if node.parent is None or sum(1 for _ in islice(ancestors(nodes, current), limit + 1)) <= limit:
         return None
     return nodes[node.parent]
 

@@ -229,7 +229,7 @@ class SnapshotCommands:
         current = self.nodes[self.current]
         snap = needs_flatten(self.nodes, self.current, max_chain_depth(current.config))
         if snap is not None and snap.flatten is None:
-            depth = sum(1 for _ in ancestors(self.nodes, self.current))
+            depth = sum(1 for _ in ancestors(self.nodes, self.current))  # rare: once per flatten
             self.trigger_event(self.FlattenScheduled, node_id=snap.id, depth=depth)
 
     def _refuse_while_failed(self: VirtualMachine, what: str) -> None:
