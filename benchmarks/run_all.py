@@ -205,6 +205,53 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
+# What is known about each target this machine misses (measured by this benchmark's authors).
+WHY_MISSED = {
+    "live-snapshot pause, 1024": (
+        "the first background snapshot splits the guest RAM's transparent huge pages; later takes arm"
+        " userfaultfd write protection page by page (first take 5-11 ms, later ones up to ~80 ms) on 2"
+        " cores shared with the vCPU. Re-collapsing huge pages after a save (MADV_COLLAPSE), hugetlbfs-backed"
+        " guest RAM as a VM option, or priority for QEMU during the take would reach it"),
+    "merge online": (
+        "around the block job each merge pays a fixed cost: recording the plan and the outcome (with a"
+        " durability barrier before files are freed), the plan's `qemu-img map`, and removing the"
+        " merged-away file; the block job alone runs near cp speed. Planning from QEMU's block status"
+        " and removing files after the reply would close most of the gap"),
+    "merge offline": (
+        "the durable path: a WAL barrier, `qemu-img map` of both layers for the plan, the qemu-img"
+        " rebase/commit, then fsync-ed file removal, each a separate process; qemu-img alone runs at"
+        " 750-900 MiB/s on a quiet machine. Removing files asynchronously and planning from one map"
+        " call would close most of it"),
+}
+
+
+# Where a command's wall time goes (measured 2026-12-02 with cProfile, -X importtime and QMP event
+# times on this machine; issue 13 item 3). Not re-measured by each run: update it with the code.
+WHERE_THE_TIME_GOES = """## Where the time goes (take, apply, delete)
+
+Measured 2026-12-02 on this machine (TCG, 256 MiB guest unless said), before -> after this session:
+
+| step | take with memory | apply with memory | delete with one child, running |
+|---|---|---|---|
+| process start + imports | 0.49 s -> 0.36 s (60 modules were compiled on every run where PYTHONDONTWRITEBYTECODE is set; now compiled once by the set-up); imports ~0.16 s, of which domain.vm's eventsourcing metaclass 54 ms, domain.commands 20 ms | same | same |
+| embedded `tree` | imported the PostgreSQL driver (0.23 s) -> not any more | | |
+| aggregate loads / QMP connections / /proc checks | 7 / 2 / 5 -> 1 / 1 / 1 | 1 / 1 / 1 | 1 / 1 / 1 |
+| guest pause | 5-15 ms (first take on huge pages 5-9 ms) | - | - |
+| memory save (QEMU background-snapshot) | 0.6-0.9 s (157 MiB/s; a bare migration 716 MiB/s) | - | - |
+| sha256 of the state | 0.19 s (0.64 s at 1 GiB) after the save -> ~5 ms (hashed while QEMU writes) | - | - |
+| restore (new QEMU, incoming migration) | - | 0.39-0.57 s | - |
+| block job | - | - | ~0.37 s (block-commit / stream), as libvirt's |
+| around the job: plan (`qemu-img map`), events with a durability barrier, file removal | - | - | ~0.3 s |
+"""
+
+
+def why_missed(measure: str) -> str:
+    for prefix, why in WHY_MISSED.items():
+        if measure.startswith(prefix):
+            return why
+    return "not analysed yet"
+
+
 # ------------------------------------------------------------------ main
 def attempt(name: str, fn: Callable[[], Any], errors: dict[str, str]) -> Any:
     log(f"{name} ...")
@@ -310,7 +357,7 @@ def main() -> int:
     missed = [r for r in rows if r[5] == MISSED]
     if missed or errors:
         md += ["## Missed targets", ""]
-        md += [f"- {r[0]}: {r[1]} (ratio {r[3]}) against {r[4]} -- why: see closing note" for r in missed]
+        md += [f"- {r[0]}: {r[1]} (ratio {r[3]}) against {r[4]} -- why: {why_missed(r[0])}" for r in missed]
         md += [f"- {name}: not measured, {err}" for name, err in errors.items()]
         md.append("")
     md += ["## Method", "",
@@ -324,6 +371,7 @@ def main() -> int:
            "on the embedded SQLite store without disk work. Redis latency: commit of an event -> a "
            "stream worker of its host has the item (relay + worker in one process, PostgreSQL store).",
            ""]
+    md += [WHERE_THE_TIME_GOES]
     # libvirt side by side (bench_libvirt.py: it installs and starts libvirt when missing).
     md += [attempt("libvirt baseline", lambda: bench_libvirt.markdown_section(q), errors)
            or f"## snaptree vs libvirt (issue 13)\n\nnot measured: {errors.get('libvirt baseline')}", ""]
