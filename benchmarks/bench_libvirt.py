@@ -64,7 +64,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +94,9 @@ _spec = importlib.util.spec_from_file_location("guest_build", ROOT / "tests/gues
 assert _spec is not None and _spec.loader is not None
 guest_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(guest_build)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tables  # noqa: E402
+from bench_live_service import LoadSampler, loadavg  # noqa: E402  (one load sampler for every bench)
 
 
 # ------------------------------------------------------------------ small helpers
@@ -104,32 +106,6 @@ def log(msg: str) -> None:
 
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-class LoadSampler:
-    """The 1-minute load average every few seconds while the benchmark runs."""
-
-    def __init__(self, every: float = 5.0) -> None:
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
-
-    def _run(self, every: float) -> None:
-        while not self._stop.is_set():
-            self.samples.append(float(loadavg().split()[0]))
-            self._stop.wait(every)
-
-    def __enter__(self) -> "LoadSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def run(cmd: list[str], *, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None,
@@ -828,16 +804,11 @@ HEAD = ["row", "snaptree median (range)", "libvirt median (range)", "ratio snapt
 
 
 def plain(rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEAD)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(HEAD, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(out)
+    return tables.plain(HEAD, rows)
 
 
 def markdown(rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(HEAD) + " |", "|" + "|".join("---" for _ in HEAD) + "|"]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(out)
+    return tables.markdown(HEAD, rows)
 
 
 # ------------------------------------------------------------------ main

@@ -33,7 +33,6 @@ import os
 import platform
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_audit  # noqa: E402
 import bench_domain  # noqa: E402
 import bench_libvirt  # noqa: E402
+import tables  # noqa: E402
 import bench_live_service as bls  # noqa: E402
 from adapters.config import open_app  # noqa: E402
 from adapters.qemu import qemu_img  # noqa: E402
@@ -461,16 +461,11 @@ HEAD = ["measure", "value", "baseline (same run)", "ratio", "target", "met?"]
 
 
 def plain(rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(HEAD)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(HEAD, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(out)
+    return tables.plain(HEAD, rows)
 
 
 def markdown(rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(HEAD) + " |", "|" + "|".join("---" for _ in HEAD) + "|"]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(out)
+    return tables.markdown(HEAD, rows)
 
 
 if __name__ == "__main__":

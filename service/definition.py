@@ -13,6 +13,7 @@ import random
 import socket
 from typing import Any
 
+from adapters.qemu.devices import OVMF_CODE
 from domain import commands as c
 from domain.definition import (
     Accel, DiskOptions, Display, Firmware, Nic, check_qemu_args, parse_disk, parse_nic,
@@ -20,8 +21,6 @@ from domain.definition import (
 from domain.errors import InvalidArgument, Refused
 from domain.rules import DEFAULT_MAX_CHAIN_DEPTH
 
-OVMF_CODE = "/usr/share/OVMF/OVMF_CODE.fd"
-OVMF_VARS = "/usr/share/OVMF/OVMF_VARS.fd"
 
 
 def disk_options(specs: tuple[str, ...]) -> dict[str, DiskOptions]:

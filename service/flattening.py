@@ -16,8 +16,7 @@ from adapters.config import durable
 from domain import commands as c
 from domain.rules import flatten_base, max_chain_depth
 from domain.tree import MergeState, Node, ancestors
-from service.merging import in_running_chain
-from service.ports import DamagedLayer
+from service.merging import in_running_chain, rebase_keeping_data, refuse_damaged
 
 if TYPE_CHECKING:
     from service.steps import Drain
@@ -56,25 +55,13 @@ def _skipped(d: Drain, node: Node, base_id: object) -> list[Node]:
 
 def _check(d: Drain, node: Node, base_id: object) -> None:
     """The file written lies in the data directory; nothing read or written is damaged."""
-    vm = d.vm
-    live = d.live()
     for path in node.layers.values():
         d.w.data.check_owned(path)
-    for n in [node, *_skipped(d, node, base_id)]:
-        if live is not None and in_running_chain(vm, n):
-            continue  # open in QEMU: its own checks apply
-        for disk, path in n.layers.items():
-            problem = d.w.disks.check(path)
-            if problem is not None and problem[0] != "leaks":
-                raise DamagedLayer(
-                    f"layer {path} (disk {disk}) is damaged ({problem[1]}); nothing was flattened,"
-                    f" the files are untouched; `snaptree audit verify {vm.name}` shows it"
-                )
+    refuse_damaged(d, [node, *_skipped(d, node, base_id)], "flattened")
 
 
 def _copy(d: Drain, node: Node, base: Node, resuming: bool) -> None:
     vm = d.vm
-    disks = d.w.disks
     live = d.live()
     what = f"flatten {node.name or node.id}"
     names = list(node.layers)
@@ -87,12 +74,6 @@ def _copy(d: Drain, node: Node, base: Node, resuming: bool) -> None:
         path, target = node.layers[disk], base.layers[disk]
         if live is not None and in_running_chain(vm, node):
             live.stream_online(disk, path, target, step)
-            continue
-        if disks.backing_file(path) == target:
-            # The header may name the base before the copied data was flushed (see
-            # merging._pull_up): put the old backing back and copy again.
-            disks.rebase_unsafe(path, vm.nodes[node.parent].layers[disk])
-        if resuming:
-            disks.repair_leaks(path)
-        disks.rebase_safe(path, target, step)
+        else:
+            rebase_keeping_data(d, path, vm.nodes[node.parent].layers[disk], target, step, resuming)
     d.progress(what, 1.0)

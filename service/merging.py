@@ -53,19 +53,24 @@ def _check_files(d: Drain, node: Node) -> None:
 
 
 def _check_not_damaged(d: Drain, node: Node) -> None:
-    """Never merge what is damaged: every layer the merge reads or writes passes `qemu-img check`
-    first (leaked clusters are harmless: they never change what an image reads). The layer the
-    running VM has open are skipped: QEMU holds them, and a check of them could not be exact."""
+    refuse_damaged(d, [node, *children(d.vm.nodes, node.id)], "merged")
+
+
+def refuse_damaged(d: Drain, nodes: list[Node], verb: str) -> None:
+    """Never move data out of or into what is damaged: every layer read or written passes
+    `qemu-img check` first (leaked clusters are harmless: they never change what an image reads).
+    The layers the running VM has open are skipped: QEMU holds them, and a check of them could
+    not be exact."""
     vm = d.vm
     live = d.live()
-    for n in [node, *children(vm.nodes, node.id)]:
+    for n in nodes:
         if live is not None and in_running_chain(vm, n):
             continue  # open in QEMU (a block job may hold it): QEMU's own checks apply
         for disk, path in n.layers.items():
             problem = d.w.disks.check(path)
             if problem is not None and problem[0] != "leaks":
                 raise DamagedLayer(
-                    f"layer {path} (disk {disk}) is damaged ({problem[1]}); nothing was merged,"
+                    f"layer {path} (disk {disk}) is damaged ({problem[1]}); nothing was {verb},"
                     f" the files are untouched; `snaptree audit verify {vm.name}` shows it"
                 )
 
@@ -145,14 +150,18 @@ def _repoint_children(d: Drain, dep: Node, target: str, disk: str) -> None:
 
 def _pull_up(d: Drain, node: Node, dep: Node, disk: str, step: Fraction, resuming: bool) -> None:
     assert node.parent is not None, "the VM's own disk is never pulled up"
+    rebase_keeping_data(d, dep.layers[disk], node.layers[disk], d.vm.nodes[node.parent].layers[disk],
+                        step, resuming)
+
+
+def rebase_keeping_data(d: Drain, path: str, old: str, new: str, step: Fraction, resuming: bool) -> None:
+    """Back `path` by `new` (an ancestor of `old`), copying in what the layers between held, so it
+    reads exactly as before. qemu-img rewrites the header before it has flushed the copied data,
+    so a header that already names `new` proves nothing: put `old` back under it (its file still
+    exists until the step is recorded) and copy again."""
     disks = d.w.disks
-    grandparent = d.vm.nodes[node.parent].layers[disk]
-    path = dep.layers[disk]
-    if disks.backing_file(path) == grandparent:
-        # qemu-img rewrites the header before it has flushed the copied data, so a header that
-        # already names the grandparent proves nothing: put the hidden layer back under it
-        # (its file still exists until the merge is recorded) and copy again.
-        disks.rebase_unsafe(path, node.layers[disk])
+    if disks.backing_file(path) == new:
+        disks.rebase_unsafe(path, old)
     if resuming:
         disks.repair_leaks(path)
-    disks.rebase_safe(path, grandparent, step)
+    disks.rebase_safe(path, new, step)

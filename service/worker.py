@@ -62,20 +62,16 @@ class Worker:
         """Perform the VM's pending work until none is left; returns the VM as it ends."""
         name = vm if isinstance(vm, str) else vm.name
         agg = self.fresh(vm) if isinstance(vm, VirtualMachine) else self.app.get_vm(name)
-        if not pending_work(agg):
-            if quiesce.marked(self.data, name):  # a guest a killed worker left frozen
-                live = self.machines.attach(agg)
-                if live is not None:
-                    try:
-                        quiesce.thaw_left_frozen(self.data, name, live)
-                    finally:
-                        live.close()
+        frozen = quiesce.marked(self.data, name)  # a guest a killed worker may have left frozen
+        if not pending_work(agg) and not frozen:
             return agg  # nothing to do: touch no file (a refused command leaves none behind)
         self.data.private_dir(self.data.vm_dir(name))
         with vm_lock(self.data, name):
             agg = self.fresh(agg)
             drain = Drain(self, agg)
             try:
+                if frozen:
+                    drain.live()  # attaching thaws it, before anything else
                 for _ in range(MAX_ITEMS_PER_DRAIN):
                     items = pending_work(drain.vm)
                     if not items:

@@ -35,6 +35,17 @@ def service(tmp_path: Path) -> Service:
     return open_service(str(tmp_path / "home"), "testhost", environ={})
 
 
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[Service]:
+    """A service for tests that run real QEMUs: none is left running afterwards."""
+    s = open_service(str(tmp_path / "home"), "testhost", environ={})
+    yield s
+    for name in s.app.vm_names():
+        live = s.machines.attach(s.app.get_vm(name))
+        if live is not None:
+            live.stop()
+
+
 PG_BASE = {
     "PERSISTENCE_MODULE": "eventsourcing.postgres",
     "POSTGRES_DBNAME": os.environ.get("POSTGRES_DBNAME", "test"),

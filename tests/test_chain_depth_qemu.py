@@ -15,7 +15,7 @@ from domain.tree import NodeKind, chain_depth, logical_parent
 from service.api import Service
 from service.bootstrap import open_service
 from tests.disk_harness import PatternVM
-from tests.test_live_tree import SLOT, kernel, make_vm, on_vm, reads, svc, write  # noqa: F401 - fixtures
+from tests.test_live_tree import SLOT, kernel, make_vm, on_vm, reads, write  # noqa: F401 - fixtures
 
 LIMIT = 4
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -15,7 +15,6 @@ from domain import commands as c
 from domain.definition import Accel, Display
 from domain.memory import MemoryState
 from service.api import Service
-from service.bootstrap import open_service
 from tests.guest import build as guest_build
 from tests.guest import probe
 
@@ -23,16 +22,6 @@ from tests.guest import probe
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(guest_build.build_guest(tmp_path_factory.mktemp("guest")))
-
-
-@pytest.fixture
-def svc(tmp_path: Path) -> Iterator[Service]:
-    s = open_service(str(tmp_path / "home"), "h", environ={})
-    yield s
-    for name in s.app.vm_names():
-        live = s.machines.attach(s.app.get_vm(name))
-        if live is not None:
-            live.stop()
 
 
 def qmp(svc: Service, vm: str, command: str) -> Any:

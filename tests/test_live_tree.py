@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -32,16 +32,6 @@ SLOT = 64 * 1024
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(guest_build.build_guest(tmp_path_factory.mktemp("guest")))
-
-
-@pytest.fixture
-def svc(tmp_path: Path) -> Iterator[Service]:
-    s = open_service(str(tmp_path / "home"), "testhost", environ={})
-    yield s
-    for name in s.app.vm_names():  # never leave a QEMU behind
-        live = s.machines.attach(s.app.get_vm(name))
-        if live is not None:
-            live.stop()
 
 
 def make_vm(svc: Service, tmp: Path, kernel: str, name: str = "live") -> None:

@@ -230,10 +230,13 @@ def test_safe_on_an_image_another_process_holds_open(img: Path) -> None:
         deadline = time.monotonic() + 5
         while not _has_open(holder.pid, img) and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(0.2)  # opened; the lock follows the open
-        res = subprocess.run(["qemu-img", "info", str(img)], capture_output=True, text=True)
-        if holder.poll() is not None or res.returncode == 0:
-            pytest.skip("qemu-io did not hold the image locked")
+        # The lock follows the open: wait for it, and fail (never skip) if it never comes.
+        while True:
+            res = subprocess.run(["qemu-img", "info", str(img)], capture_output=True, text=True)
+            if res.returncode != 0 or holder.poll() is not None or time.monotonic() > deadline + 5:
+                break
+            time.sleep(0.05)
+        assert holder.poll() is None and res.returncode != 0, "qemu-io did not hold the image locked"
         assert "lock" in res.stderr
         assert not qcow2.validate(img).damaged  # no lock taken, no lock needed
     finally:

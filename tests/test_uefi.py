@@ -8,14 +8,12 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from domain import commands as c
 from domain.definition import Accel, Firmware
 from service.api import Service
-from service.bootstrap import open_service
 from service.verify import verify
 from tests.guest.linux.build import LinuxGuest, build_linux_guest, default_cache_dir
 from tests.guest.linux.check import console_lines
@@ -27,16 +25,6 @@ BOOT_TIMEOUT = 120.0
 @pytest.fixture(scope="module")
 def guest() -> LinuxGuest:
     return build_linux_guest(os.environ.get("SNAPTREE_LINUX_GUEST_CACHE", default_cache_dir()))
-
-
-@pytest.fixture
-def svc(tmp_path: Path) -> Iterator[Service]:
-    s = open_service(str(tmp_path / "home"), "h", environ={})
-    yield s
-    for name in s.app.vm_names():
-        live = s.machines.attach(s.app.get_vm(name))
-        if live is not None:
-            live.stop()
 
 
 def sha(path: str) -> str:

@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from .agent import GuestAgent
+from adapters.qemu.agent import GuestAgent
 from .build import LinuxGuest
 from .check import boot_ids, console_lines
 
