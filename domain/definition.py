@@ -144,6 +144,16 @@ def mac_address(value: str) -> str:
     return mac
 
 
+HUGEPAGE_MIB = 2
+
+
+def check_hugepage_memory(memory_mib: int) -> None:
+    """Hugepage-backed RAM comes in whole 2 MiB pages."""
+    if memory_mib % HUGEPAGE_MIB:
+        raise InvalidArgument(f"--hugepages: the memory ({memory_mib} MiB) must be a multiple of "
+                              f"{HUGEPAGE_MIB} MiB")
+
+
 def check_qemu_args(args: tuple[str, ...] | list[str]) -> None:
     """Extra QEMU arguments may not take over what snaptree runs QEMU with itself."""
     for arg in args:

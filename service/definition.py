@@ -13,10 +13,12 @@ import random
 import socket
 from typing import Any
 
+from adapters.qemu import hugepages
 from adapters.qemu.devices import OVMF_CODE
 from domain import commands as c
 from domain.definition import (
-    Accel, DiskOptions, Display, Firmware, Nic, check_qemu_args, parse_disk, parse_nic,
+    Accel, DiskOptions, Display, Firmware, Nic, check_hugepage_memory, check_qemu_args, parse_disk,
+    parse_nic,
 )
 from domain.errors import InvalidArgument, Refused
 from domain.rules import DEFAULT_MAX_CHAIN_DEPTH
@@ -49,6 +51,9 @@ def create_config(cmd: c.CreateVM) -> dict[str, Any]:
     if cmd.qemu_arg:
         check_qemu_args(cmd.qemu_arg)
         config["qemu_args"] = list(cmd.qemu_arg)
+    if cmd.hugepages:
+        _check_hugepages(cmd.memory)
+        config["hugepages"] = True
     return config
 
 
@@ -88,6 +93,10 @@ def set_changes(cmd: c.SetVM, current: dict[str, Any]) -> dict[str, Any]:
     if cmd.qemu_arg is not None:
         check_qemu_args(cmd.qemu_arg)
         changes["qemu_args"] = list(cmd.qemu_arg) or None
+    if cmd.hugepages is not None:
+        changes["hugepages"] = True if cmd.hugepages else None
+    if cmd.hugepages or (cmd.memory is not None and cmd.hugepages is None and current.get("hugepages")):
+        _check_hugepages(cmd.memory if cmd.memory is not None else int(current.get("memory_mib", 256)))
     if not changes:
         raise Refused("nothing to change")
     return changes
@@ -110,6 +119,7 @@ def definition_json(name: str, host: str, disks: dict[str, str], config: dict[st
         "qemu_args": list(config.get("qemu_args") or []),
         "max_chain_depth": config.get("max_chain_depth", DEFAULT_MAX_CHAIN_DEPTH),
         "agent": bool(config.get("agent", False)),  # VMs created before the agent had none
+        "hugepages": bool(config.get("hugepages", False)),
         "console": {"socket": "run/console.sock", "log": "run/console.log"},
         **({"agent_socket": "run/qga.sock"} if config.get("agent") else {}),
     }
@@ -140,6 +150,14 @@ def _need_file(path: str, what: str) -> str:
     if not os.access(real, os.R_OK):
         raise InvalidArgument(f"{what} {path}: not readable")
     return real
+
+
+def _check_hugepages(memory_mib: int) -> None:
+    check_hugepage_memory(memory_mib)
+    host = hugepages.pool()
+    if host.total_mib < memory_mib:
+        raise InvalidArgument(f"--hugepages: this host reserves {host.total_mib} MiB of huge pages; "
+                              + hugepages.advice(memory_mib))
 
 
 def _token(key: str, value: str) -> str:

@@ -49,6 +49,8 @@ def definition_options(create: bool) -> Callable[[Callable[..., Any]], Callable[
                      help=h("max_chain_depth")),
         click.option("--agent/--no-agent", default=True if create else None, show_default=create,
                      help=h("agent")),
+        click.option("--hugepages/--no-hugepages", default=False if create else None, show_default=create,
+                     help=h("hugepages")),
     ]
     if create:
         opts.append(click.option("--firmware", type=click.Choice([f.value for f in Firmware]),

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from adapters.qemu import hugepages
 from adapters.qemu.hardware import MachineConfig
 from adapters.qemu.process import opt
 
@@ -38,9 +39,16 @@ def firmware_args(c: MachineConfig) -> list[str]:
 
 
 def machine_option(c: MachineConfig) -> str:
+    option = c.machine
     if c.firmware == "uefi":
-        return f"{c.machine},pflash0=ovmf-code,pflash1=ovmf-vars"
-    return c.machine
+        option += ",pflash0=ovmf-code,pflash1=ovmf-vars"
+    if c.hugepages:
+        option += f",memory-backend={hugepages.RAM_ID}"
+    return option
+
+
+def memory_args(c: MachineConfig) -> list[str]:
+    return hugepages.qemu_args(c.memory_mib) if c.hugepages else []
 
 
 def boot_args(c: MachineConfig) -> list[str]:

@@ -47,6 +47,7 @@ class MachineConfig:
     """Everything that defines the virtual hardware."""
 
     memory_mib: int = 256
+    hugepages: bool = False           # guest RAM on the host's 2 MiB huge pages (adapters/qemu/hugepages.py)
     cpus: int = 1
     kernel: str | None = None
     initrd: str | None = None
