@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from adapters.storage import DataDir
-from domain.application import Snaptree
+
+if TYPE_CHECKING:
+    from domain.application import Snaptree
 
 TRANSCODER = "adapters.transcoder:MsgpackTranscoder"
 SQLITE_FACTORY = "adapters.sqlite_store:Factory"
@@ -31,13 +34,23 @@ def store_env(data: DataDir, environ: dict[str, str] | None = None) -> dict[str,
     return env
 
 
+def embedded_db(data: DataDir, environ: dict[str, str] | None = None) -> str | None:
+    """The embedded store's database file when that is the store (a plain path), else None."""
+    env = store_env(data, environ)
+    if env.get("PERSISTENCE_MODULE") != SQLITE_FACTORY or env["SQLITE_DBNAME"].startswith(("file:", ":")):
+        return None
+    return env["SQLITE_DBNAME"]
+
+
 def open_app(data: DataDir | None = None, environ: dict[str, str] | None = None) -> Snaptree:
+    from domain.application import Snaptree  # the domain and the library: only for a store
+
     data = data or DataDir.open()
     env = store_env(data, environ)
     for attempt in range(5):
         try:
             app = Snaptree(layout=data, env=env)
-            _private_store(data)
+            private_store(data)
             return app
         except Exception as exc:  # noqa: BLE001
             # PostgreSQL: processes that start together race on CREATE OR REPLACE FUNCTION
@@ -55,6 +68,8 @@ def _read_only(data: DataDir, env: dict[str, str], cause: Exception) -> Snaptree
     """The embedded store when it cannot be opened for writing (a full or read-only disk):
     read as it is on disk, so that `tree`, `merges` and the audit still answer. Once no other
     process has it open, SQLite has put every commit into the file itself."""
+    from domain.application import Snaptree
+
     ro = dict(env, SQLITE_DBNAME=f"file:{data.event_db}?immutable=1", CREATE_TABLE="false")
     try:
         app = Snaptree(layout=data, env=ro)
@@ -64,7 +79,7 @@ def _read_only(data: DataDir, env: dict[str, str], cause: Exception) -> Snaptree
     return app
 
 
-def _private_store(data: DataDir) -> None:
+def private_store(data: DataDir) -> None:
     """The embedded store holds every VM's history: 0600, with its WAL and shared memory."""
     for suffix in ("", "-wal", "-shm"):
         path = f"{data.event_db}{suffix}"

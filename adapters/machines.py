@@ -14,20 +14,22 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from adapters.qemu.agent import AgentError, GuestAgent
 from adapters.qemu.devices import AGENT_CHARDEV, AGENT_SOCKET, OVMF_VARS
 from adapters.qemu.hardware import MachineConfig
 from adapters.qemu.process import running_pid
-from adapters.qemu.session import LiveVM
 from adapters.storage import DataDir
 from domain.memory import LiveSwitch, SavedMemory, SaveMethod
 from domain.vm import VirtualMachine
 
+if TYPE_CHECKING:  # the QMP client (asyncio, qemu.qmp) is loaded only when a QEMU runs or starts
+    from adapters.qemu.session import LiveVM
+
 # VM settings snaptree keeps in a node's configuration (domain/definition.py) and hands to QEMU.
 CONFIG_KEYS = ("memory_mib", "cpus", "kernel", "initrd", "append", "machine", "accel", "cpu", "firmware",
-               "disk_bus", "disk_options", "cdrom", "nics", "display", "agent")
+               "disk_bus", "disk_options", "cdrom", "nics", "display", "agent", "hugepages")
 CHUNK = 1 << 20
 NVRAM_NAME = "nvram.fd"
 
@@ -240,20 +242,29 @@ class QemuMachines:
         return machine_config(config, str(self.data.vm_dir(vm.name) / NVRAM_NAME))
 
     def attach(self, vm: VirtualMachine) -> QemuLive | None:
+        run_dir = self.run_dir(vm.name)
+        if running_pid(run_dir) is None:
+            return None  # a stopped VM: no connection to open, no QMP client to load
+        from adapters.qemu.session import LiveVM
+
         node = vm.nodes[vm.current]
-        live = LiveVM.attach(self.run_dir(vm.name), self.config(vm, node.config), dict(node.layers))
+        live = LiveVM.attach(run_dir, self.config(vm, node.config), dict(node.layers))
         return QemuLive(live, self._agent_path(vm)) if live is not None else None
 
     def start(self, vm: VirtualMachine, *, paused: bool) -> QemuLive:
         node = vm.nodes[vm.current]
         run_dir = self.data.private_dir(self.run_dir(vm.name))
         config = self._prepared(self.config(vm, node.config))
+        from adapters.qemu.session import LiveVM
+
         return QemuLive(LiveVM.start(run_dir, config, dict(node.layers), paused=paused), self._agent_path(vm))
 
     def restore(self, vm: VirtualMachine, layers: dict[str, str], config: dict[str, object],
                 state_path: str, *, paused: bool) -> QemuLive:
         run_dir = self.data.private_dir(self.run_dir(vm.name))
         machine = self._prepared(self.config(vm, dict(config)))
+        from adapters.qemu.session import LiveVM
+
         return QemuLive(LiveVM.restore(run_dir, machine, layers, state_path, paused=paused), self._agent_path(vm))
 
     def _agent_path(self, vm: VirtualMachine) -> Path:

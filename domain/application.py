@@ -120,6 +120,38 @@ class Snaptree(Application[UUID]):
                 return Decided(result, target, _ids(recordings, target))
         raise AssertionError("unreachable")
 
+    def decide_all(self, cmds: list[Command], vm: VirtualMachine, *,
+                   decided: VirtualMachine | None = None) -> Decided:
+        """Decide several commands of one VM in order and save them together (one commit: a
+        worker's reports of one batch). `decided`: a copy of `vm` on which they were decided
+        already (only saved, unless the race is lost). A lost race decides them all again on
+        the fresh state."""
+        name = vm.name
+        with self._lock(vm.id):
+            agg: VirtualMachine | None = vm
+            for attempt in range(MAX_ATTEMPTS):
+                if agg is None:
+                    agg = self.get_vm(name)
+                try:
+                    result = None
+                    if decided is not None:
+                        agg, decided = decided, None
+                    else:
+                        for cmd in cmds:
+                            result, agg = decide(cmd, agg, self.layout)
+                    recordings = self.save(agg) if agg.pending_events else []
+                except IntegrityError:
+                    self._evict(vm.id)
+                    if attempt == MAX_ATTEMPTS - 1:
+                        raise
+                    agg = None
+                    continue
+                except BaseException:
+                    self._evict(vm.id)
+                    raise
+                return Decided(result, agg, _ids(recordings, agg))
+        raise AssertionError("unreachable")
+
     def execute(self, vm: str, requests: list[tuple[str, Command]]) -> list[Execution[Any] | Exception]:
         """Decide queued commands for VM `vm`, each request id at most once (the queue's intake).
 

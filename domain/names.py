@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from uuid import UUID, uuid5
 
 from domain.errors import InvalidName
 
@@ -69,3 +70,12 @@ def disk_name(name: object) -> str:
             " '_' or '-' (it becomes a QEMU device id)"
         )
     return name
+
+
+# VM ids derive from names, so a name finds its aggregate without an index and a second
+# `vm create` of the same name collides on the aggregate's first version.
+VM_NAMESPACE = UUID("5d0c6c1e-3b0e-4b8e-9a53-6e1f0f2b7a11")
+
+
+def vm_id(name: str) -> UUID:
+    return uuid5(VM_NAMESPACE, normalize(name))

@@ -18,7 +18,7 @@ from domain.names import validate_name
 from domain.vm import vm_id
 from projections.event_store import latest_version
 from projections.runner import ProjectionRunner
-from projections.tree_view import flatten_bytes, planned_bytes
+from projections.tree_doc import doc_children, fill_bytes, merge_bytes  # noqa: F401 (doc_children: read here too)
 
 Measure = Callable[[str], int]
 
@@ -51,14 +51,6 @@ def exists(app: Snaptree, vm_name: str) -> bool:
     return True
 
 
-def doc_children(doc: dict[str, Any]) -> dict[str | None, list[dict[str, Any]]]:
-    """Node id -> its child nodes in display order (a tree document's `children_map`)."""
-    kids: dict[str | None, list[dict[str, Any]]] = {}
-    for n in doc["nodes"]:  # already sorted by creation time, as `children_map` sorts
-        kids.setdefault(n["parent"], []).append(n)
-    return kids
-
-
 @dataclass
 class TreeView:
     doc: dict[str, Any]  # exactly `tree VM --json`
@@ -83,8 +75,7 @@ def read_tree_view(app: Snaptree, vm_name: str, measure: Measure | None = None) 
         return None
     doc: dict[str, Any] = json.loads(row[0])
     if measure is not None:
-        _fill_merge_bytes(doc, measure)
-        _fill_flatten_bytes(doc, measure)
+        fill_bytes(doc, measure)
     return TreeView(doc, row[1], row[2])
 
 
@@ -112,7 +103,7 @@ def read_merges(
         if held is not None:
             row["bytes_held"] = sum(held(p) for p in calc["layers"])
         if row["merge_bytes"] is None and measure is not None:
-            row["merge_bytes"] = _merge_bytes(calc["layers"], calc["dependents"], calc["root"], measure)
+            row["merge_bytes"] = merge_bytes(calc["layers"], calc["dependents"], calc["root"], measure)
         out.append(row)
     return out
 
@@ -136,40 +127,3 @@ def read_timeline(app: Snaptree, vm_name: str) -> list[dict[str, Any]]:
         }
         for r in rows
     ]
-
-
-# --- byte counts (projections.tree_view.planned_bytes, on view data) ---
-
-
-def _merge_bytes(layers: list[str], dependents: list[list[str]], root: bool, measure: Measure) -> int:
-    held = sum(measure(p) for p in layers)
-    return planned_bytes(held, [sum(measure(p) for p in d) for d in dependents], root=root)
-
-
-def _fill_flatten_bytes(doc: dict[str, Any], measure: Measure) -> None:
-    by_id = {n["id"]: n for n in doc["nodes"]}
-    current = by_id[doc["current"]]
-    estimate = current.get("next_flatten")
-    if estimate is None:
-        return  # a view written before bounded chains
-    chain: list[list[str]] = []
-    node: dict[str, Any] | None = current
-    while node is not None:
-        chain.append(list(node["disks"].values()))
-        up = node.get("backing", node["parent"])
-        node = by_id.get(up) if up is not None else None
-    estimate["bytes"] = flatten_bytes(chain[::-1], estimate, measure)
-
-
-def _fill_merge_bytes(doc: dict[str, Any], measure: Measure) -> None:
-    kids: dict[str, list[dict[str, Any]]] = {}
-    for n in doc["nodes"]:
-        backing = n.get("backing", n["parent"])  # views written before flattening had no "backing"
-        if backing is not None:
-            kids.setdefault(backing, []).append(n)
-    for n in doc["nodes"]:
-        merge = n.get("merge")
-        if merge is None or merge.get("bytes") is not None:
-            continue
-        deps = [list(d["disks"].values()) for d in kids.get(n["id"], [])]
-        merge["bytes"] = _merge_bytes(list(n["disks"].values()), deps, n["parent"] is None, measure)

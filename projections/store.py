@@ -21,15 +21,7 @@ from typing import Any, Iterator
 from eventsourcing.application import Application
 from eventsourcing.persistence import Tracking, TrackingRecorder
 
-# The views' layout version is in the table names and the tracking name: a new layout starts in
-# new tables from notification 0 (a rebuild by itself), and old rows can never be misread.
-SCHEMA = 1
-TRACKING_NAME = f"snaptree:projections:v{SCHEMA}"
-
-TREE = f"snaptree_view{SCHEMA}_tree"
-MERGES = f"snaptree_view{SCHEMA}_merges"
-TIMELINE = f"snaptree_view{SCHEMA}_timeline"
-VIEW_TABLES = (TREE, MERGES, TIMELINE)
+from projections.schema import MERGES, SCHEMA, TIMELINE, TRACKING_NAME, TREE, VIEW_TABLES  # noqa: F401
 
 TABLES = (
     f"CREATE TABLE IF NOT EXISTS {{p}}{TREE} ("

@@ -11,9 +11,10 @@ from uuid import UUID
 
 from domain import recovery
 from domain.memory import MemoryState
-from domain.rules import choose_merge, flatten_run, max_chain_depth
+from domain.rules import flatten_run, max_chain_depth
 from domain.tree import MergeState, Node, NodeKind, ancestors, chain_depth, children, logical_parent
 from domain.vm import VirtualMachine
+from projections.tree_doc import flatten_bytes, planned_bytes
 
 Measure = Callable[[str], int]
 
@@ -62,18 +63,6 @@ def next_flatten(vm: VirtualMachine, node: Node) -> dict[str, Any]:
     levels = [0] * (takes - 1) + [n.level for n in chain[:-1]]
     existing = max(0, flatten_run(levels, limit) - (takes - 1))
     return {"after_takes": takes, "depths": list(range(depth, depth - existing, -1)), "bytes": None}
-
-
-def flatten_bytes(chain: list[list[str]], estimate: dict[str, Any], measure: Measure) -> int:
-    """`chain`: the layer files of the current state's chain, own disk first, current last."""
-    return sum(measure(p) for d in estimate["depths"] for p in chain[d])
-
-
-def planned_bytes(held: int, dependent_bytes: list[int], *, root: bool) -> int:
-    """What the merge rule (domain.rules.choose_merge) would copy; a hidden root with 2+
-    dependents cannot merge yet: what pulling it up into each would copy, for comparison."""
-    choice = choose_merge(held=held, dependent_bytes=dependent_bytes, root=root)
-    return choice.bytes if choice is not None else held * len(dependent_bytes)
 
 
 def node_json(vm: VirtualMachine, node: Node, measure: Measure | None = None) -> dict[str, Any]:

@@ -13,34 +13,17 @@ import sqlite3
 
 from eventsourcing.persistence import PersistenceError
 
-from adapters.qemu import qemu_img
-from adapters.qemu.errors import QemuImgError
 from domain import commands as c
 from domain.errors import UnknownVM
 from projections.read import read_merges, read_timeline, read_tree_view
 from projections.tree_view import failures_json, merges_json, tree_json
 from service.definition import definition_json
+from service.disk_bytes import held, measure
 from service.quiesce import agent_timeout
 from service.results import Document, VMStatus, vm_rows
 
 if TYPE_CHECKING:
     from service.api import Options, Service
-
-
-def measure(path: str) -> int:
-    """Guest bytes allocated in this one layer (what a merge copies)."""
-    try:
-        return qemu_img.allocated_bytes(path)
-    except (QemuImgError, OSError):
-        return 0
-
-
-def held(path: str) -> int:
-    """Bytes the file occupies on disk."""
-    try:
-        return qemu_img.disk_usage(path)
-    except OSError:
-        return 0
 
 
 STORE_ERRORS = (PersistenceError, sqlite3.Error)

@@ -38,3 +38,14 @@ def test_postgres_store_keeps_history_and_snapshots(pg_service: Service, tmp_pat
     assert other.vm_names() == [pv.name]
     first = other.get_vm_at(pv.name, 1)
     assert len(first.nodes) == 1
+
+
+def test_tree_reads_no_embedded_file_when_the_store_is_postgres(tmp_path: Path) -> None:
+    """`tree`'s quick read is for the embedded store only; with PostgreSQL it takes the full path
+    (a KeyError here once made `snaptree tree` fail in scale-out mode)."""
+    from adapters.config import embedded_db
+    from adapters.storage import DataDir
+
+    data = DataDir.open(tmp_path / "home")
+    assert embedded_db(data, {"PERSISTENCE_MODULE": "eventsourcing.postgres"}) is None
+    assert embedded_db(data, {}) == str(data.event_db)

@@ -1,9 +1,9 @@
 """The `snaptree` command line: builds command values and hands them to the service's handler.
 
-Each module adds one group of commands to `main` (adapters/cli/app.py).
+Each module adds one group of commands to `main` (adapters/cli/app.py), imported when that
+command runs (`COMMANDS`); `load_all()` imports every one.
 """
 
-from adapters.cli import audit, bundle, console, queue, snapshot, tree, vm, worker  # noqa: F401  (register)
-from adapters.cli.app import main
+from adapters.cli.app import COMMANDS, load_all, main
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "load_all", "main"]

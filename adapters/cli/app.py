@@ -1,13 +1,14 @@
 """The `snaptree` command group, its global options, and running one request through the
 service (the same handler the Python API and the queue use; service/handlers.py).
 
-Imports stay light here: the service, the store and QEMU are loaded when a command runs, so
-`snaptree --help` does not pay for them.
+Imports stay light here: each top-level command's module is imported only when that command
+runs (COMMANDS), and the service, the store and QEMU when it needs them, so `snaptree --help`
+and `snaptree tree VM` pay only for what they use (tests/test_cli_imports.py).
 """
 
 from __future__ import annotations
 
-import logging
+import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ import click
 from adapters.cli.output import emit, fail, progress_printer
 
 if TYPE_CHECKING:
+    from adapters.storage import DataDir
     from domain.commands import Command, Query
     from service.api import Service
     from service.results import Result
@@ -25,17 +27,26 @@ class Ctx:
     def __init__(self, home: str | None, host: str | None) -> None:
         self.home = home
         self.host = host
+        self._data: DataDir | None = None
         self._service: Service | None = None
+
+    @property
+    def data(self) -> DataDir:
+        if self._data is None:
+            from adapters.storage import DataDir
+
+            self._data = DataDir.open(self.home)
+            if self._data.tightened:
+                click.echo(f"snaptree: note: {self._data.root} was readable by others;"
+                           " made it 0700", err=True)
+        return self._data
 
     @property
     def service(self) -> Service:
         if self._service is None:
             from service.bootstrap import open_service
 
-            self._service = open_service(self.home, self.host)
-            if self._service.data.tightened:
-                click.echo(f"snaptree: note: {self._service.data.root} was readable by others;"
-                           " made it 0700", err=True)
+            self._service = open_service(str(self.data.root), self.host)
         return self._service
 
     def run(self, request: Command | Query, as_json: bool, *, wait: bool = True) -> Result:
@@ -63,9 +74,70 @@ INTERRUPTED = ("interrupted; the work stopped where it was, as after a crash: ru
                " again (or `snaptree worker run`) to finish it")
 
 
+# Each top-level command: the modules that define it and its subcommands, and the first
+# paragraph of its help, which is all `snaptree --help` lists (tests/test_cli_imports.py checks
+# this table against the commands themselves).
+COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "audit": (("adapters.cli.audit",), "Audit a VM's history and files."),
+    "merge": (("adapters.cli.tree",),
+              "Merge hidden NODE now (retry a failed merge, or --force one with 2+ dependents)."),
+    "merges": (("adapters.cli.tree",),
+               "List hidden nodes and merges in flight, with what blocks each and what it would cost."),
+    "projections": (("adapters.cli.audit",),
+                    "Read models kept from the event log: tree, pending merges, audit timeline."),
+    "queue": (("adapters.cli.queue",), "Inspect the scale-out queues."),
+    "serve": (("adapters.cli.queue",), "Relay, command consumer and this host's workers (scale-out mode)."),
+    "snapshot": (("adapters.cli.snapshot",), "Take, apply, delete, rename and revert snapshots."),
+    "submit": (("adapters.cli.queue",),
+               "Submit COMMAND (e.g. snapshot.take) for VM to the commands stream and wait for it."),
+    "tree": (("adapters.cli.tree",),
+             "Show VM's snapshot tree: which file gets the writes, which are frozen, pending merges."),
+    "vm": (("adapters.cli.vm", "adapters.cli.bundle", "adapters.cli.console"),
+           "Register VMs, start and stop them, change their settings."),
+    "work": (("adapters.cli.worker",), "Failed host work: run it again, or roll it back."),
+    "worker": (("adapters.cli.worker", "adapters.cli.queue"), "Run the worker that performs the disk work."),
+}
+
+
+def load(name: str) -> None:
+    """Import the modules that define top-level command `name`."""
+    from adapters.cli.dataclass_cache import install
+
+    install()  # before the first dataclass of the domain is made
+    for module in COMMANDS[name][0]:
+        importlib.import_module(module)
+
+
+def load_all() -> None:
+    for name in COMMANDS:
+        load(name)
+
+
 class SnaptreeGroup(click.Group):
     """Click's own usage errors follow the same contract: one line, exit 2, JSON on request.
-    SIGINT and SIGTERM stop the child processes, print one line and exit 130 / 143."""
+    SIGINT and SIGTERM stop the child processes, print one line and exit 130 / 143.
+
+    Commands are loaded on first use (COMMANDS); the help listing uses the table's summaries
+    for the ones not loaded."""
+
+    _listing = False
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            if self._listing:
+                return click.Command(cmd_name, help=COMMANDS[cmd_name][1])
+            load(cmd_name)
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._listing = True
+        try:
+            super().format_commands(ctx, formatter)
+        finally:
+            self._listing = False
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         import os
@@ -97,6 +169,8 @@ class SnaptreeGroup(click.Group):
 @click.pass_context
 def main(click_ctx: click.Context, home: str | None, host: str | None, verbose: bool) -> None:
     """Live snapshot trees for QEMU VMs, with Hyper-V checkpoint semantics."""
+    import logging
+
     if verbose:
         logging.basicConfig(level=logging.INFO, format="snaptree: %(message)s")
     else:

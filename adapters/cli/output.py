@@ -8,8 +8,6 @@ was recorded is said in the message). With `--json` the same status, and
 from __future__ import annotations
 
 import functools
-import json
-import sqlite3
 import sys
 from typing import Any, Callable, NoReturn
 
@@ -21,6 +19,8 @@ FAILED = 1
 
 def emit(data: Any, as_json: bool, text: str | None = None) -> None:
     if as_json:
+        import json
+
         click.echo(json.dumps(data, indent=2, sort_keys=False))
     elif text is not None:
         click.echo(text)
@@ -30,6 +30,8 @@ def fail(status: int, code: str, message: str, as_json: bool) -> NoReturn:
     message = " ".join(str(message).split()) or code
     click.echo(f"snaptree: error: {message}", err=True)
     if as_json:
+        import json
+
         click.echo(json.dumps({"error": {"code": code, "message": message}}))
     sys.exit(status)
 
@@ -42,6 +44,8 @@ def classify(exc: BaseException) -> tuple[int, str, str] | None:
         return REFUSED, exc.code, exc.message
     if isinstance(exc, SnaptreeError):
         return FAILED, exc.code, exc.message
+    import sqlite3
+
     from eventsourcing.persistence import PersistenceError
 
     if isinstance(exc, (PersistenceError, sqlite3.Error)):

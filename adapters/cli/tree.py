@@ -9,7 +9,6 @@ import click
 
 from adapters.cli.app import Ctx, main
 from adapters.cli.output import command, emit, wait_option
-from domain import commands as c
 
 
 @main.command("tree")
@@ -17,19 +16,28 @@ from domain import commands as c
 @command
 def tree(ctx: Ctx, vm: str, as_json: bool) -> None:
     """Show VM's snapshot tree: which file gets the writes, which are frozen, pending merges."""
-    result = ctx.service.handle(c.GetTree(vm))
+    from service.quick_tree import current_tree
+
+    found = current_tree(ctx.data, vm)  # the view as it stands, when it has every event
+    if found is not None:
+        data, host = found
+    else:
+        from domain import commands as c
+
+        result = ctx.service.handle(c.GetTree(vm))
+        data, host = result.json(), getattr(result, "host", None)
     if as_json:
-        emit(result.json(), True)
+        emit(data, True)
         return
     from rich.console import Console
 
-    Console().print(render_tree(result.json(), getattr(result, "host", None) or "?"))
+    Console().print(render_tree(data, host or "?"))
 
 
 def render_tree(data: dict[str, Any], host: str) -> Any:
     from rich.tree import Tree
 
-    from projections.read import doc_children
+    from projections.tree_doc import doc_children
 
     by_id = {n["id"]: n for n in data["nodes"]}
     kids = doc_children(data)
@@ -95,6 +103,8 @@ def _label(n: dict[str, Any]) -> str:
 @command
 def merges(ctx: Ctx, vm: str | None, as_json: bool) -> None:
     """List hidden nodes and merges in flight, with what blocks each and what it would cost."""
+    from domain import commands as c
+
     ctx.run(c.ListMerges(vm), as_json)
 
 
@@ -106,4 +116,6 @@ def merges(ctx: Ctx, vm: str | None, as_json: bool) -> None:
 @command
 def merge(ctx: Ctx, vm: str, node: str, force: bool, no_wait: bool, as_json: bool) -> None:
     """Merge hidden NODE now (retry a failed merge, or --force one with 2+ dependents)."""
+    from domain import commands as c
+
     ctx.run(c.MergeNode(vm, node, force=force), as_json, wait=not no_wait)

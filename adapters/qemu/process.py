@@ -8,7 +8,6 @@ of this run directory's QMP socket (pids are recycled).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -63,6 +62,8 @@ def running_pid(run_dir: Path | str) -> int | None:
 
 async def wait_exit(pid: int, timeout: float) -> bool:
     """Wait until ``pid`` has exited; False if it still runs after ``timeout`` seconds."""
+    import asyncio  # here: finding a pid (every command) needs no event loop
+
     deadline = time.monotonic() + timeout
     while alive(pid):
         if time.monotonic() > deadline:
