@@ -7,7 +7,7 @@ import os
 import subprocess
 from typing import Callable
 
-from adapters.qemu import qcow2, qemu_img
+from adapters.qemu import overlays, qcow2, qemu_img
 from adapters.qemu.errors import QemuImgError
 
 Fraction = Callable[[float], None]
@@ -40,8 +40,32 @@ def check_layer(path: str) -> tuple[str, str] | None:
     return None
 
 
+def _identity(path: str) -> tuple[int, ...] | None:
+    """What changes whenever the file's content may have: inode, size, mtime and ctime."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class QcowImages:
-    """qcow2 layer files through qemu-img; every call is one process (or one header read)."""
+    """qcow2 layer files through qemu-img; every call is one process (or one header read).
+
+    The answers of `check` and `allocated_bytes` are kept per file while the file is unchanged
+    (same inode, size, mtime and ctime) and forgotten when this object changes it, so the
+    flattens and merges of one drain do not ask qemu-img twice about the same frozen layer. An
+    overlay made here from qemu-img's checked, empty template starts known: clean, nothing
+    allocated."""
+
+    def __init__(self) -> None:
+        self._checks: dict[str, tuple[tuple[int, ...], tuple[str, str] | None]] = {}
+        self._sizes: dict[str, tuple[tuple[int, ...], int]] = {}
+
+    def _forget(self, *paths: str) -> None:
+        for p in paths:
+            self._checks.pop(p, None)
+            self._sizes.pop(p, None)
 
     def chain(self, path: str) -> list[tuple[str, str]]:
         return [(image.filename, image.format) for image in qcow2.backing_chain(path)]
@@ -52,28 +76,62 @@ class QcowImages:
         except ValueError as exc:  # a file is in the way: a failure of this step, not a bug
             raise QemuImgError(["qemu-img", "create"], 1, str(exc), what="overlay creation") from None
 
+    def create_overlays(self, pairs: list[tuple[str, str]]) -> None:
+        try:
+            made = overlays.create_overlays(pairs)
+        except ValueError as exc:
+            raise QemuImgError(["qemu-img", "create"], 1, str(exc), what="overlay creation") from None
+        for path in made:
+            ident = _identity(path)
+            if ident is not None:
+                self._checks[path] = (ident, None)
+                self._sizes[path] = (ident, 0)
+
     def backing_file(self, path: str) -> str | None:
         return qcow2.backing_file(path)
 
     def allocated_bytes(self, path: str) -> int:
-        return qemu_img.allocated_bytes(path)
+        ident = _identity(path)
+        known = self._sizes.get(path)
+        if known is not None and ident is not None and known[0] == ident:
+            return known[1]
+        size = qemu_img.allocated_bytes(path)
+        if ident is not None and _identity(path) == ident:  # unchanged while qemu-img read it
+            self._sizes[path] = (ident, size)
+        return size
 
     def commit(self, top: str, progress: Fraction) -> None:
+        try:
+            below = qcow2.backing_file(top)
+        except QemuImgError:
+            below = None
+        self._forget(top, *([below] if below else []))  # a commit writes into the layer below
         qemu_img.commit(top, progress=progress)
 
     def rebase_safe(self, path: str, backing: str, progress: Fraction) -> None:
+        self._forget(path)
         qemu_img.rebase_safe(path, backing, progress=progress)
 
     def rebase_unsafe(self, path: str, backing: str) -> None:
+        self._forget(path)
         qemu_img.rebase_unsafe(path, backing)
 
     def repair_leaks(self, path: str) -> None:
+        self._forget(path)
         qemu_img.repair_leaks(path)
 
     def check(self, path: str) -> tuple[str, str] | None:
-        return check_layer(path)
+        ident = _identity(path)
+        known = self._checks.get(path)
+        if known is not None and ident is not None and known[0] == ident:
+            return known[1]
+        problem = check_layer(path)
+        if ident is not None and _identity(path) == ident:
+            self._checks[path] = (ident, problem)
+        return problem
 
     def remove(self, path: str) -> None:
+        self._forget(path)
         try:
             os.unlink(path)
         except FileNotFoundError:

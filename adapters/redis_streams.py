@@ -27,8 +27,11 @@ Configuration by environment:
 
 from __future__ import annotations
 
+import asyncio
 import os
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 import msgpack
 import redis.asyncio as aioredis
@@ -74,6 +77,9 @@ class Names:
 
     def done(self, vm: str) -> str:
         return f"{self.prefix}:done:{vm}"
+
+    def turn(self, vm: str) -> str:
+        return f"{self.prefix}:turn:{vm}"
 
     @property
     def epoch(self) -> str:
@@ -233,3 +239,33 @@ async def mark_done(r: aioredis.Redis, names: Names, vm: str, upto: int) -> dict
         if wanted <= upto and await r.hdel(names.watch(vm), request_id):
             settled[request_id] = packed
     return settled
+
+
+# KEYS[1] = turn key; ARGV[1] = token. Only the holder gives its turn up.
+_GIVE_UP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@asynccontextmanager
+async def vm_turn(r: aioredis.Redis, names: Names, vm: str, token: str, *,
+                  ttl_ms: int = 10_000, wait_s: float = 5.0) -> AsyncIterator[None]:
+    """One command consumer at a time decides for a VM. Consumers that decided for the same VM at
+    once would lose the save to each other (optimistic concurrency), reload the aggregate and
+    decide again, over and over: four consumers were slower than one. The turn is only a way to
+    take turns: correctness never rests on it (the event store still refuses a stale save), so a
+    turn held by a dead consumer lapses after `ttl_ms`, and one not had within `wait_s` is not
+    waited for."""
+    key = names.turn(vm)
+    deadline = asyncio.get_running_loop().time() + wait_s
+    pause = 0.001
+    while not await r.set(key, token, nx=True, px=ttl_ms):
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.01)
+    try:
+        yield
+    finally:
+        await r.eval(_GIVE_UP, 1, key, token)

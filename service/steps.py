@@ -169,7 +169,7 @@ class Drain:
             self.w.data.check_owned(path)
             self.w.data.private_dir(os.path.dirname(path))
             self.w.disks.create_overlay(path, parent.layers[disk])
-        self._nvram(node, parent)
+        self.nvram(node, parent)
         live = self.live()
         if node.restore is not None:
             info = self._restore(node, parent, live)
@@ -179,7 +179,7 @@ class Drain:
             info = LiveSwitch(not_running=True)
         self.report(c.RecordLayersCreated(self.vm.name, node.id, info))
 
-    def _nvram(self, node: Node, parent: Node) -> None:
+    def nvram(self, node: Node, parent: Node) -> None:
         """A UEFI VM's variable store: a take freezes a copy with the snapshot; an apply puts
         the snapshot's copy back before QEMU restarts on it (or starts next)."""
         current = self.w.data.nvram_path(self.vm.name, None)

@@ -18,7 +18,7 @@ from domain.application import Snaptree
 from domain.vm import VirtualMachine
 from domain.work import pending_work
 from service.ports import Disks, Machines
-from service import quiesce
+from service import layer_batch, quiesce
 from service.steps import Drain
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ class Worker:
                     items = pending_work(drain.vm)
                     if not items:
                         return drain.vm
-                    drain.perform(items[0])
+                    if not layer_batch.run(drain, items):  # queued takes of a stopped VM: at once
+                        drain.perform(items[0])
                     drain.vm = self.fresh(drain.vm)
             finally:
                 drain.close()

@@ -92,6 +92,11 @@ class FakeImages:
             raise QemuImgError(["qemu-img", "create"], 1, f"Could not open backing file {backing}")
         self.files[path] = Image(backing)
 
+    def create_overlays(self, pairs: list[tuple[str, str]]) -> None:
+        self._call("create_overlays")
+        for path, backing in pairs:
+            self.create_overlay(path, backing)
+
     def backing_file(self, path: str) -> str | None:
         return self.files[path].backing
 

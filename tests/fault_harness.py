@@ -68,6 +68,7 @@ def _die() -> None:
 # Where the functions a kill point names live (the worker reaches each through its module).
 HOOK_MODULES = {
     "qemu_img": "adapters.qemu.qemu_img",      # create_overlay, commit, rebase_safe, rebase_unsafe
+    "overlays": "adapters.qemu.overlays",      # create_overlays: queued takes of a stopped VM at once
     "live_take": "adapters.qemu.live_take",    # live_snapshot: the live switch
     "migration": "adapters.qemu.migration",    # wait_save, restore
     "images": "adapters.images",               # QcowImages (the Disks port)

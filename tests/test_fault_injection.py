@@ -209,12 +209,33 @@ def _op_take(m: Model) -> None:
     record(m, c.TakeSnapshot(m.name, "T"))  # memory asked for (the default): the VM is stopped
 
 
+def _op_queued_takes(m: Model) -> None:
+    for name in ("T1", "T2", "T3"):  # queued faster than a worker works: done as one batch
+        record(m, c.TakeSnapshot(m.name, name))
+
+
+def _after_queued_takes(m: Model) -> None:
+    """Each new node reads what its parent reads (the three takes wrote nothing between them)."""
+    vm = m.vm
+    chain, node = [], vm.current
+    while node not in m.expected:
+        chain.append(node)
+        parent = vm.nodes[node].parent
+        assert parent is not None
+        node = parent
+    for n in reversed(chain):
+        parent = vm.nodes[n].parent
+        assert parent is not None
+        m.inherit(n, parent)
+
+
 def _op_take_memory(m: Model) -> None:
     record(m, c.TakeSnapshot(m.name, "T", memory=True))
 
 
 SCENARIOS = {s.name: s for s in [
     Scenario("take (stopped)", False, _take_setup, _op_take, Model.after_new_current),
+    Scenario("queued takes (stopped)", False, _take_setup, _op_queued_takes, _after_queued_takes),
     Scenario("apply (stopped)", False, _apply_setup, lambda m: record(m, c.ApplySnapshot(m.name, "A")),
              Model.after_new_current),
     Scenario("delete, 0 dependents", False, _delete0_setup, lambda m: delete(m, "B")),
@@ -265,6 +286,9 @@ MID_JOB = {"kind": "block-job", "speed": 4 * MiB}
 POINTS: list[tuple[str, str, dict[str, Any]]] = [
     ("take (stopped)", "after 1st overlay created", after("qemu_img.create_overlay")),
     ("take (stopped)", "after LayersCreated", ev("LayersCreated")),
+    ("queued takes (stopped)", "overlays written, before their fsync", {"kind": "before", "func": "overlays._fsync_all"}),
+    ("queued takes (stopped)", "after the batch's overlays created", after("images.QcowImages.create_overlays")),
+    ("queued takes (stopped)", "after the batch's LayersCreated", ev("LayersCreated")),
     ("apply (stopped)", "after LayersCreated", ev("LayersCreated")),
     ("apply (stopped)", "after 1st old-current file unlinked", after("os.unlink")),
     ("delete, 0 dependents", "after 1st file unlinked", after("os.unlink")),

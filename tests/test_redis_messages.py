@@ -208,8 +208,9 @@ def test_every_cli_verb_is_a_queue_command_with_the_cli_parameter_names() -> Non
     the CLI command's parameters (the VM argument and --json/--no-wait aside)."""
     import click
 
-    from adapters.cli import main
+    from adapters.cli import load_all, main
 
+    load_all()  # the CLI imports a command's module when it runs
     for verb, cls in messages.REQUESTS.items():
         group, _, leaf = verb.rpartition(".")
         cmd = main.commands[group].commands[leaf] if group else main.commands[leaf]  # type: ignore[attr-defined]

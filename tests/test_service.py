@@ -59,6 +59,25 @@ def test_a_take_of_a_stopped_vm_records_that_there_was_no_memory_to_save(world) 
     assert images.backing_file(current_layer(svc)) == own(svc)
 
 
+def test_queued_takes_of_a_stopped_vm_are_done_as_one_batch_in_one_commit(world) -> None:  # type: ignore[no-untyped-def]
+    svc, images, machines = world
+    create(svc)
+    for i in range(12):
+        svc.handle(c.TakeSnapshot("web", f"s{i}"), wait=False)
+    saves, real_save = [], svc.app.save
+    svc.app.save = lambda *objs, **kw: saves.append(objs) or real_save(*objs, **kw)  # type: ignore[method-assign]
+    vm = svc.settle("web")
+    assert not pending_work(vm)
+    assert images.calls.get("create_overlays", 0) >= 1
+    assert len(saves) == 1  # the twelve takes' reports share one save
+    for node in vm.nodes.values():  # every layer is on its parent's, the chain stays bounded
+        if node.parent is not None:
+            parent = vm.nodes[node.parent]
+            base = vm.nodes[node.flatten_base] if node.flatten_base is not None else parent
+            assert images.backing_file(node.layers["disk0"]) in (parent.layers["disk0"], base.layers["disk0"])
+        assert node.memory is None or node.memory.state is MemoryState.NONE
+
+
 def test_a_take_of_a_running_vm_saves_memory_with_one_load_one_connection_one_probe(world) -> None:  # type: ignore[no-untyped-def]
     svc, images, machines = world
     create(svc)

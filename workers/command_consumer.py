@@ -29,7 +29,7 @@ from redis.exceptions import ResponseError
 
 from adapters import messages
 from adapters.messages import BadMessage, Message
-from adapters.redis_streams import COMMAND_GROUP, RedisConfig, watch
+from adapters.redis_streams import COMMAND_GROUP, RedisConfig, vm_turn, watch
 from domain.commands import Command, Query
 from domain.errors import SnaptreeError
 from domain.requests import Execution
@@ -178,7 +178,7 @@ class CommandConsumer(StreamConsumer):
 
     async def _run(self, batch: list[tuple[Entry, Message]]) -> None:
         try:
-            async with self._threads:
+            async with self._threads, vm_turn(self.r, self.config.names, batch[0][1].vm, self.consumer):
                 replies = await asyncio.to_thread(self.intake.run, [m for _, m in batch])
         except Transient as exc:
             await self._transient(batch, exc)
