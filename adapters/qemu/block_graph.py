@@ -94,7 +94,7 @@ def find_layer(layers: list[Layer], ref: str) -> Layer:
     raise LiveError(f"{ref!r} is not in the chain {[l.filename for l in layers]}")
 
 
-async def prune_nodes(m: QemuMachine, disk: str) -> list[str]:
+async def prune_nodes(m: QemuMachine, disk: str, layers: list[Layer] | None = None) -> list[str]:
     """``blockdev-del`` the disk's format nodes that are no longer in its chain.
 
     A node created by ``-blockdev``/``blockdev-add`` is owned by the monitor:
@@ -103,9 +103,10 @@ async def prune_nodes(m: QemuMachine, disk: str) -> list[str]:
     held open, and it still claims its backing node, so a later
     ``blockdev-snapshot`` on that backing fails with "node is used as backing
     hd of ...".  Nodes that were only inline children are freed by QEMU
-    itself; deleting them is refused and ignored.  Returns the deleted nodes.
+    itself; deleting them is refused and ignored.  Returns the deleted nodes.  ``layers``: the
+    disk's chain as the caller has just read it.
     """
-    keep = {layer.node for layer in await chain(m, disk)}
+    keep = {layer.node for layer in (layers if layers is not None else await chain(m, disk))}
     ours = re.compile(rf"^{re.escape(disk)}-[0-9a-f]{{10}}$")
     deleted = []
     for n in await m.query("query-named-block-nodes", {"flat": True}):

@@ -17,7 +17,6 @@ is a :class:`QemuImgError`, so code that handles a failing ``qemu-img info`` han
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
 import json
@@ -31,7 +30,7 @@ from adapters.qemu.errors import QemuImgError
 
 __all__ = [
     "Qcow2Error", "NotQcow2Error", "DamagedHeaderError", "ChainImage", "Validation",
-    "backing_file", "backing_chain", "backing_chain_async", "same_file", "validate",
+    "backing_file", "backing_chain", "backing_chain_async", "same_file", "validate", "virtual_size",
 ]
 
 MAGIC = b"QFI\xfb"
@@ -77,6 +76,20 @@ def backing_file(path: str | os.PathLike[str]) -> str | None:
     if name is None:
         return None
     return _path_combine(image, name)
+
+
+def virtual_size(path: str | os.PathLike[str]) -> int:
+    """The guest-visible size in ``path``'s qcow2 header (no subprocess)."""
+    image = os.path.abspath(os.fspath(path))
+    try:
+        with open(image, "rb") as f:
+            head = f.read(_HEADER_V3)
+    except OSError as exc:
+        raise Qcow2Error(image, f"cannot read: {exc.strerror or exc}") from exc
+    if head[:4] != MAGIC:
+        raise NotQcow2Error(image, "not a qcow2 image")
+    _backing_field(image, head)  # version and header length checked as QEMU does
+    return _parse_header(head).virtual_size
 
 
 def _read_backing_name(image: str) -> str | None:
@@ -438,6 +451,8 @@ def backing_chain(path: str | os.PathLike[str]) -> list[ChainImage]:
 
 async def backing_chain_async(path: str | os.PathLike[str]) -> list[ChainImage]:
     """:func:`backing_chain` without blocking the event loop (a QEMU start reads every disk's)."""
+    import asyncio  # only a QEMU start runs a loop; the readers of the views do not pay for it
+
     cmd = _chain_cmd(path)
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

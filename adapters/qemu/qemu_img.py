@@ -14,6 +14,7 @@ Backing files are read by :mod:`adapters.qemu.qcow2` (the one owner of that), no
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -23,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any, cast
 
-from adapters.qemu import qcow2
+from adapters.qemu import qcow2, qcow2_map
 from adapters.qemu.errors import QemuImgError
 
 __all__ = [
@@ -163,18 +164,13 @@ def create_overlay(path: str, backing: str) -> None:
     path = _abs(path)
     backing = _abs(backing)
     if os.path.lexists(path):
-        if not is_qcow2(path):
-            raise ValueError(f"{path} exists and is not a qcow2 image")
-        current = backing_file(path)
-        if current is None or not qcow2.same_file(current, backing):
-            raise ValueError(f"{path} exists with backing file {current!r}, not {backing!r}")
+        existing_overlay(path, backing)
         return
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)  # left by a crashed earlier run that had the same pid
+        clear_stale_tmp(path)
         _run(["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", tmp])
         os.chmod(tmp, 0o600)  # guest data: the owner's only, whatever the umask
         _fsync_path(tmp)
@@ -183,6 +179,22 @@ def create_overlay(path: str, backing: str) -> None:
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def clear_stale_tmp(path: str) -> None:
+    """Remove the temporary files a killed earlier run left for ``path`` (the VM's lock is held:
+    no other worker builds this file now)."""
+    for tmp in glob.glob(f"{glob.escape(path)}.tmp-*"):
+        os.unlink(tmp)
+
+
+def existing_overlay(path: str, backing: str) -> None:
+    """An overlay found in place (a retry): fine when it is qcow2 on ``backing``, else ValueError."""
+    if not is_qcow2(path):
+        raise ValueError(f"{path} exists and is not a qcow2 image")
+    current = backing_file(path)
+    if current is None or not qcow2.same_file(current, backing):
+        raise ValueError(f"{path} exists with backing file {current!r}, not {backing!r}")
 
 
 def _fsync_path(path: str) -> None:
@@ -200,7 +212,15 @@ def allocated_bytes(path: str) -> int:
     entries at depth 0 that hold data, **and** zero clusters allocated at depth 0 ("present"):
     those hide the backing's data, so a commit must write them down as zeros. Unallocated
     ranges of a base image (depth 0, not present) are not counted.
+
+    Read from the image's own tables when they are plain (qcow2_map), else from qemu-img.
     """
+    known = qcow2_map.allocated_bytes(path)
+    return known if known is not None else map_allocated_bytes(path)
+
+
+def map_allocated_bytes(path: str) -> int:
+    """`allocated_bytes` as ``qemu-img map`` counts it."""
     res = _run(["map", "--output=json", "-U", "-f", "qcow2", _abs(path)])
     total = 0
     for entry in json.loads(res.stdout):

@@ -186,36 +186,44 @@ class LiveVM:
     # ---------------------------------------------------------- online merges
     def commit_online(self, disk: str, top: str, base: str, progress: Progress) -> None:
         """Commit the layer file ``top`` down into ``base`` with a block job: an active commit if
-        the disk writes into ``top``, else an intermediate one. A job a killed worker left is
-        finished first; nothing happens once ``top`` has left the chain (done before)."""
+        the disk writes into ``top``, else an intermediate one; ``base`` is on stable storage when
+        it returns. A job a killed worker left is finished first; no job runs once ``top`` has
+        left the chain (done before)."""
         async def commit() -> None:
             step = _bytes_progress(progress)
             await block_jobs.finish_left_jobs(self._m, disk, step)
-            files = [layer.filename for layer in await block_graph.chain(self._m, disk)]
-            if top not in files:
-                return
+            layers = await block_graph.chain(self._m, disk)
+            files = [layer.filename for layer in layers]
             if top == files[0]:
-                await block_jobs.commit_active(self._m, disk, progress=step)
-            else:
+                await block_jobs.commit_active(self._m, disk, progress=step, layers=layers)
+                return  # an active commit (a mirror) flushes ``base`` before it completes
+            if top in files:
                 await block_jobs.commit_intermediate(self._m, disk, top, base, step)
+            # QEMU 7.2's intermediate commit does not flush ``base``; also when a killed
+            # worker's job had ended: ``top`` is deleted next
+            await block_jobs.flush_layer(self._m, disk, base)
 
         self._run(commit())
 
     def stream_online(self, disk: str, into: str, base: str, progress: Progress) -> None:
         """Pull everything above ``base`` into the layer file ``into`` with block-stream (into the
-        active layer or an intermediate one). A job a killed worker left is finished first;
-        nothing happens once ``into``'s header already names ``base``."""
+        active layer or an intermediate one), then flush ``into``: the caller deletes the layers
+        above ``base`` next. A job a killed worker left is finished first; no job runs once
+        ``into``'s header already names ``base``."""
         async def stream() -> None:
             step = _bytes_progress(progress)
             await block_jobs.finish_left_jobs(self._m, disk, step)
-            files = [layer.filename for layer in await block_graph.chain(self._m, disk)]
+            layers = await block_graph.chain(self._m, disk)
+            files = [layer.filename for layer in layers]
             backing = qcow2.backing_file(into)
-            if backing is not None and qcow2.same_file(backing, base):
-                return
-            if into == files[0]:
-                await block_jobs.stream_into_active(self._m, disk, base, progress=step)
-            else:
-                await block_jobs.stream_intermediate(self._m, disk, into, base, step)
+            if backing is None or not qcow2.same_file(backing, base):
+                if into == files[0]:
+                    await block_jobs.stream_into_active(self._m, disk, base, progress=step,
+                                                        layers=layers)
+                else:
+                    await block_jobs.stream_intermediate(self._m, disk, into, base, step)
+            # also when a killed worker's job had ended: what it copied may not be on disk yet
+            await block_jobs.flush_layer(self._m, disk, into)
 
         self._run(stream())
 
