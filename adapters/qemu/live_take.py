@@ -285,5 +285,14 @@ async def _switch_at_switchover(m: QemuMachine, prep: Prepared, seq: int) -> Non
 
 
 async def _resume(m: QemuMachine, wanted: bool) -> None:
-    if wanted and (await m.query_status()) != "running":
+    if not wanted:
+        return
+    status = await m.query_status()
+    deadline = time.monotonic() + 10
+    # QEMU 7.2 emits MIGRATION `completed` a moment before it leaves `finish-migrate`, and
+    # refuses `cont` until then ("Migration is not finalized yet").
+    while status == "finish-migrate" and time.monotonic() < deadline:
+        await asyncio.sleep(0.002)
+        status = await m.query_status()
+    if status != "running":
         await m.qmp.execute("cont")
