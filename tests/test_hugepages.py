@@ -139,6 +139,33 @@ def test_a_live_take_and_an_apply_on_hugepage_backed_ram(svc: Service, tmp_path:
     assert asyncio.run(counter()) < late  # the guest went back to the snapshot's moment
 
 
+@pytest.fixture
+def exactly_1_gib() -> Iterator[None]:
+    """Exactly 512 free 2 MiB pages: one 1 GiB guest's worth and not a page more."""
+    before = int(NR_HUGEPAGES.read_text())
+    have = hugepages.pool()
+    NR_HUGEPAGES.write_text(str(have.total - have.free + 512))
+    try:
+        assert hugepages.pool().free == 512, "the host could not reserve 512 huge pages"
+        yield
+    finally:
+        NR_HUGEPAGES.write_text(str(before))
+
+
+def test_an_apply_needs_no_more_huge_pages_than_the_vm_itself(svc: Service, tmp_path: Path, kernel: str,
+                                                                exactly_1_gib: None) -> None:
+    """The restored QEMU starts once the old one has let go of every page. A 1 GiB QEMU's other
+    threads hold its RAM for ~0.3 s after its main thread has exited."""
+    svc.handle(c.CreateVM("whole", disk=disk(tmp_path), memory=1024, kernel=kernel, accel=Accel.TCG,
+                          hugepages=True))
+    svc.handle(c.StartVM("whole"))
+    svc.handle(c.TakeSnapshot("whole", "t1"))
+    assert hugepages.pool().free == 0
+    svc.handle(c.ApplySnapshot("whole", "t1"))
+    assert svc.handle(c.GetVMStatus("whole")).json()["state"] == "running"
+    svc.handle(c.StopVM("whole"))
+
+
 def test_a_state_saved_on_huge_pages_restores_on_ordinary_ram_and_back(tmp_path: Path, kernel: str,
                                                                        reserved: None) -> None:
     image = tmp_path / "a.qcow2"

@@ -27,13 +27,22 @@ def opt(value: object) -> str:
 
 
 def alive(pid: int) -> bool:
-    """True if pid exists and is not a zombie."""
+    """True if pid exists and is not a zombie with no threads left.
+
+    A QEMU's main thread exits first: the kernel shows it as a zombie while its other threads
+    still run down and hold its guest RAM (huge pages) and image files for a moment more.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return False
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    if stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X"):
+        return True
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 def pid_from_file(pidfile: Path, socket_path: Path) -> int | None:
