@@ -96,18 +96,16 @@ def p95(xs: list[float]) -> float:
     return sorted(xs)[max(0, int(len(xs) * 0.95) - 1)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--events", type=int, default=100_000, help="events in the big VM's history")
-    parser.add_argument("--home", help="data directory (default: a fresh temporary one; "
-                                       "one from an earlier run is measured without regenerating)")
-    args = parser.parse_args()
-    home = Path(args.home or tempfile.mkdtemp(prefix="snaptree-bench-audit-"))
+Row = tuple[str, str, str, str, bool]
+
+
+def measure(events: int, home: Path) -> tuple[list[Row], str]:
+    """The table's rows and a line saying what was measured (used by main and by run_all)."""
     data = DataDir.open(home)
     writer = open_app(data, environ={})
     t = time.perf_counter()
     if BIG not in writer.vm_names():  # a --home from an earlier run is measured again as it is
-        generate(writer, data, args.events)
+        generate(writer, data, events)
     gen_s = time.perf_counter() - t
     writer.close()
     del writer
@@ -117,7 +115,7 @@ def main() -> None:
     big = app.get_vm(BIG)
     total = app.recorder.max_notification_id()
     made = f"generated in {gen_s:.1f} s" if gen_s > 1 else "from an earlier run"
-    print(f"{total} events ({big.version} for VM {BIG!r}, {len(big.nodes)} nodes), {made}")
+    what = f"{total} events ({big.version} for VM {BIG!r}, {len(big.nodes)} nodes), {made}"
 
     # Rebuild from zero (also the catch-up every later read starts with).
     runner = runner_for(app)
@@ -160,7 +158,7 @@ def main() -> None:
     def trio(xs: list[float]) -> str:
         return f"{med(xs):.1f} / {p95(xs):.1f} / {max(xs):.1f}"
 
-    rows = [
+    rows: list[Row] = [
         ("tree from the view, 500 snapshots, warm: median / p95 ms",
          f"{med(tree_ms):.2f} / {p95(tree_ms):.2f}", f"{med(tree_cpu):.2f} / {p95(tree_cpu):.2f}",
          "<= 20 ms", p95(tree_ms) <= 20),
@@ -175,6 +173,18 @@ def main() -> None:
         (f"  the 500-snapshot VM only, {len(big_picks)} picks: median / p95 / max ms",
          trio(past_big_ms), trio(past_big_cpu), "<= 50 ms", max(past_big_ms) <= 50),
     ]
+    return rows, what
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=100_000, help="events in the big VM's history")
+    parser.add_argument("--home", help="data directory (default: a fresh temporary one; "
+                                       "one from an earlier run is measured without regenerating)")
+    args = parser.parse_args()
+    home = Path(args.home or tempfile.mkdtemp(prefix="snaptree-bench-audit-"))
+    rows, what = measure(args.events, home)
+    print(what)
     width = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     w2 = max(len(r[2]) for r in rows)

@@ -33,6 +33,9 @@ the two TCG vCPUs do not compete for the 2 cores:
    own STOP->RESUME timestamps as libvirt relays them: `virsh qemu-monitor-event --domain D
    --loop` runs in the background and prints "event STOP at SECONDS.MICROS" -- QEMU's event
    timestamp. Note: with `--timestamp` virsh prints its own receipt time instead).
+   Then (unless --no-hugepages) the same takes of a third VM, the same guest with its RAM on huge
+   pages (`vm create --hugepages`; the benchmark reserves the pages and gives them back), the
+   other two QEMUs stopped meanwhile; its rows compare with the same libvirt takes.
 3. delete with one child, running: a fresh layer (disk-only snapshot `pre`), --merge-mib MiB
    written through the guest's disk device (HMP qemu-io), a disk-only snapshot `mrg`, --merge-mib
    MiB more in another region of the new current layer; then the timed delete of `mrg`, whose one
@@ -52,6 +55,7 @@ metadata and log), every snaptree VM stopped, the work directory removed (unless
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -96,7 +100,7 @@ guest_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(guest_build)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tables  # noqa: E402
-from bench_live_service import LoadSampler, loadavg  # noqa: E402  (one load sampler for every bench)
+from bench_live_service import LoadSampler, huge_pages, loadavg  # noqa: E402  (one load sampler for every bench)
 
 
 # ------------------------------------------------------------------ small helpers
@@ -544,16 +548,19 @@ def pause_of(evs: list[tuple[str, float]]) -> float:
 class Snaptree:
     QDEV = "disk0"
 
-    def __init__(self, work: Path, mib: int, kernel: str) -> None:
+    def __init__(self, work: Path, mib: int, kernel: str, hugepages: bool = False) -> None:
         self.home = work / "home"
-        self.name = f"st{mib}"
-        self.dir = work / f"snaptree-{mib}"
+        self.name = f"st{mib}" + ("h" if hugepages else "")
+        self.dir = work / f"snaptree-{self.name}"
         self.dir.mkdir(parents=True)
         disk = self.dir / "disk.qcow2"
         run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(DISK_BYTES)])
-        self.env = dict(os.environ, SNAPTREE_HOME=str(self.home))
+        # The embedded default, whatever store settings the caller's environment holds.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SNAPTREE_", "SQLITE_", "POSTGRES_", "PERSISTENCE_"))}
+        self.env = dict(env, SNAPTREE_HOME=str(self.home))
         self.cli("vm", "create", self.name, "--disk", f"disk0={disk}", "--memory", str(mib),
-                 "--kernel", kernel, "--accel", "tcg")
+                 "--kernel", kernel, "--accel", "tcg", *(["--hugepages"] if hugepages else []))
         self.run_dir = self.home / "vms" / self.name / "run"
         self.log_path = self.run_dir / "qemu.log"
         self.started = False
@@ -621,7 +628,8 @@ class Snaptree:
 def bench_size(work: Path, kernel: str, mib: int, args: argparse.Namespace, stopped: bool) -> dict[str, Any]:
     r: dict[str, Any] = {"mib": mib}
     for k in ("sn_apply", "lv_revert", "sn_take", "lv_take", "sn_pause", "lv_pause", "sn_bytes",
-              "lv_bytes", "sn_del", "lv_del", "sn_del_off", "lv_del_off", "sn_floor", "lv_floor"):
+              "lv_bytes", "sn_del", "lv_del", "sn_del_off", "lv_del_off", "sn_floor", "lv_floor",
+              "hp_take", "hp_pause"):
         r[k] = []
     sn = Snaptree(work, mib, kernel)
     lv = Libvirt(work, mib, kernel)
@@ -690,6 +698,9 @@ def bench_size(work: Path, kernel: str, mib: int, args: argparse.Namespace, stop
             log(f"{mib} MiB: take {r['sn_take'][-1]:.2f} s pause {r['sn_pause'][-1]:.1f} ms "
                 f"| {r['lv_take'][-1]:.2f} s pause {r['lv_pause'][-1]:.1f} ms")
 
+        if args.hugepages:
+            hugepage_takes(work, kernel, mib, args, r, others=[sn, lv])
+
         # -- delete with one child, running
         for i in range(args.rounds):
             p1, p2 = (0x11 + 2 * i) & 0xFF, (0x91 + 2 * i) & 0xFF
@@ -754,6 +765,30 @@ def bench_size(work: Path, kernel: str, mib: int, args: argparse.Namespace, stop
     return r
 
 
+def hugepage_takes(work: Path, kernel: str, mib: int, args: argparse.Namespace, r: dict[str, Any],
+                   others: list[Any]) -> None:
+    """The take rows once more, for the same guest on huge pages (`vm create --hugepages`); the
+    other two QEMUs are stopped (SIGSTOP) meanwhile, as in every row."""
+    with huge_pages(mib), contextlib.ExitStack() as held:
+        for o in others:
+            held.enter_context(frozen(o.pid()))
+        hp = Snaptree(work, mib, kernel, hugepages=True)
+        try:
+            hp.start()
+            if args.preload:
+                log(f"{mib} MiB: snaptree --hugepages preload {hp.preload(mib * MiB // 2):.1f} s")
+            for i in range(args.rounds):
+                secs, p = hp.timed("snapshot", "take", hp.name, f"t{i}", "--json")
+                mem = json.loads(p.stdout)["memory"]
+                if mem["state"] != "saved":
+                    raise RuntimeError(f"snaptree --hugepages take t{i}: memory {mem}")
+                r["hp_take"].append(secs)
+                r["hp_pause"].append(float(mem["pause_ms"]))
+                log(f"{mib} MiB: take on huge pages {secs:.2f} s pause {r['hp_pause'][-1]:.1f} ms")
+        finally:
+            hp.cleanup()
+
+
 # ------------------------------------------------------------------ table
 def rng(xs: list[float], fmt: str, unit: str) -> str:
     if not xs:
@@ -782,6 +817,10 @@ def rows_of(results: list[dict[str, Any]], args: argparse.Namespace) -> list[lis
         add(f"{mib} MiB: guest pause, snapshot with memory (QEMU STOP->RESUME)", r["sn_pause"],
             r["lv_pause"], "{:.1f}", " ms", "<= 10 ms median", lambda a, _: a <= 10.0)
         add(f"{mib} MiB: take wall, running VM with memory (CLI process / virsh)", r["sn_take"],
+            r["lv_take"], "{:.2f}", " s", "<= 1.0x libvirt", lambda _, q: q <= 1.0)
+        add(f"{mib} MiB on huge pages (snaptree `--hugepages`): guest pause", r["hp_pause"],
+            r["lv_pause"], "{:.1f}", " ms", "<= 10 ms median", lambda a, _: a <= 10.0)
+        add(f"{mib} MiB on huge pages (snaptree `--hugepages`): take wall", r["hp_take"],
             r["lv_take"], "{:.2f}", " s", "<= 1.0x libvirt", lambda _, q: q <= 1.0)
         add(f"{mib} MiB: memory state written", [x / MiB for x in r["sn_bytes"]],
             [x / MiB for x in r["lv_bytes"]], "{:.0f}", " MiB", "(none)", None)
@@ -877,6 +916,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--merge-mib", type=int, default=64, help="MiB written on each side of the merge")
     ap.add_argument("--stopped", choices=("first", "all", "none"), default="all",
                     help="sizes with the stopped-VM delete rows")
+    ap.add_argument("--no-hugepages", dest="hugepages", action="store_false",
+                    help="skip the take rows of the same guest on huge pages")
     ap.add_argument("--no-preload", dest="preload", action="store_false",
                     help="do not fill half of guest RAM with non-zero data first")
     ap.add_argument("--no-install", action="store_true", help="never apt-get install libvirt")

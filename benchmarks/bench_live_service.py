@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import os
 import platform
@@ -57,12 +58,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapters.qemu import block_graph, block_jobs, migration, qemu_img  # noqa: E402
+from adapters.qemu import block_graph, block_jobs, hugepages, migration, qemu_img  # noqa: E402
 from adapters.qemu.blockdev import node_name  # noqa: E402
 from adapters.qemu.machine import QemuMachine  # noqa: E402
 from domain import commands as c  # noqa: E402
@@ -375,8 +376,10 @@ def check_disk(svc: Service, vm: str, disk: str, offset: int, nbytes: int, patte
     on_vm(svc, vm, go)
 
 
-def merge_run(svc: Service, vm: str, tag: str, n_mib: int, want: str) -> dict[str, Any]:
-    """One online merge moving n_mib MiB; `want`: "pull-up" (block-stream) or "commit-down"."""
+def merge_run(svc: Service, vm: str, tag: str, n_mib: int, want: str,
+              before: Callable[[], None] | None = None) -> dict[str, Any]:
+    """One online merge moving n_mib MiB; `want`: "pull-up" (block-stream) or "commit-down".
+    `before` runs just before the timed delete (bench_merge.py writes the page cache back)."""
     n = n_mib * MiB
     r1, r2 = (n, n + MiB) if want == "pull-up" else (n + MiB, n)
     take(svc, vm, f"pre{tag}", memory=False)           # a fresh (empty) current layer
@@ -390,6 +393,8 @@ def merge_run(svc: Service, vm: str, tag: str, n_mib: int, want: str) -> dict[st
         if what.startswith("merge"):
             marks.append(time.monotonic())
 
+    if before is not None:
+        before()
     t0, wall0 = time.monotonic(), time.time()
     svc.handle(c.DeleteSnapshot(vm, f"mrg{tag}"), wait=False)
     svc.settle(vm, progress=progress)
@@ -410,6 +415,24 @@ def merge_run(svc: Service, vm: str, tag: str, n_mib: int, want: str) -> dict[st
     return {"direction": ev.direction, "bytes": int(ev.bytes), "seconds": seconds,
             "to_completed": to_completed,
             "job_window": (marks[-1] - marks[0]) if len(marks) > 1 else None}
+
+
+@contextlib.contextmanager
+def huge_pages(mib: int) -> Iterator[None]:
+    """Reserve `mib` MiB more of free 2 MiB huge pages for the benchmark (root); put the host's
+    setting back afterwards."""
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    before = int(knob.read_text())
+    pool = hugepages.pool()
+    need = mib // hugepages.PAGE_MIB
+    if pool.free < need:
+        knob.write_text(str(pool.total + need - pool.free))
+        if hugepages.pool().free < need:
+            raise RuntimeError(f"could not reserve {need} huge pages (free: {hugepages.pool().free})")
+    try:
+        yield
+    finally:
+        knob.write_text(str(before))
 
 
 def cp_sync(work: Path, nbytes: int, reps: int) -> list[float]:
@@ -439,16 +462,17 @@ def cp_sync(work: Path, nbytes: int, reps: int) -> list[float]:
 
 # ------------------------------------------------------------------ per VM
 def bench_vm(svc: Service, work: Path, kernel: str, mib: int, args: argparse.Namespace,
-             with_merge: bool) -> dict[str, Any]:
-    vm = f"bench{mib}"
+             with_merge: bool, hugepages: bool = False) -> dict[str, Any]:
+    vm = f"bench{mib}" + ("h" if hugepages else "")
     disks = []
     for d in ("a", "b"):
         path = work / "disks" / f"{vm}-{d}.qcow2"
         qemu_img.create_image(str(path), 1 << 30)
         disks.append(f"{d}={path}")
-    svc.handle(c.CreateVM(vm, disk=tuple(disks), memory=mib, cpus=1, kernel=kernel, accel=Accel.TCG))
+    svc.handle(c.CreateVM(vm, disk=tuple(disks), memory=mib, cpus=1, kernel=kernel, accel=Accel.TCG,
+                          hugepages=hugepages))
     svc.handle(c.StartVM(vm))
-    r: dict[str, Any] = {"mib": mib}
+    r: dict[str, Any] = {"mib": mib, "hugepages": hugepages}
 
     async def warm(m: QemuMachine) -> float:
         deadline = time.monotonic() + 60
@@ -464,6 +488,9 @@ def bench_vm(svc: Service, work: Path, kernel: str, mib: int, args: argparse.Nam
     # 1 + 3: live snapshots with memory
     mems = []
     for i in range(args.takes):
+        # Each save and each bare migration starts with no dirty page cache behind it: neither
+        # fsyncs, so a backlog of earlier writes would throttle whichever came later.
+        os.sync()
         mems.append(take(svc, vm, f"mem{i}", memory=True))
         time.sleep(0.3)
     r["pause"] = [float(m["pause_ms"]) for m in mems]
@@ -502,6 +529,7 @@ def bench_vm(svc: Service, work: Path, kernel: str, mib: int, args: argparse.Nam
     # 3: bare migrate of the stopped VM to a file
     r["mig_bytes"], r["mig_s"], r["mig_wall"] = [], [], []
     for i in range(args.migrates):
+        os.sync()
         b, s, w = on_vm(svc, vm, lambda m, i=i: bare_migrate(m, work / f"bare-{mib}-{i}.state"))
         r["mig_bytes"].append(b)
         r["mig_s"].append(s)
@@ -509,6 +537,7 @@ def bench_vm(svc: Service, work: Path, kernel: str, mib: int, args: argparse.Nam
     r["mig_bw"] = [b / MiB / s for b, s in zip(r["mig_bytes"], r["mig_s"])]
     r["live_mig_bytes"], r["live_mig_s"] = [], []
     for i in range(args.migrates):
+        os.sync()
         b, s, w = on_vm(svc, vm, lambda m, i=i: bare_migrate(m, work / f"live-{mib}-{i}.state",
                                                             stopped=False))
         r["live_mig_bytes"].append(b)

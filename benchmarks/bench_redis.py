@@ -58,10 +58,15 @@ class Schema:
         self.name = f"bench_redis_{uuid.uuid4().hex[:10]}"
         psql(f"CREATE SCHEMA {self.name}")
         env = dict(PG, POSTGRES_SCHEMA=self.name)
+        # Processes the benchmark starts inherit the schema; restored on exit so that a later
+        # benchmark's embedded VM does not find itself pointed at a dropped schema.
+        self.saved = dict(os.environ)
         os.environ.update(env)
         return env
 
     def __exit__(self, *exc: object) -> None:
+        os.environ.clear()
+        os.environ.update(self.saved)
         psql(f"DROP SCHEMA {self.name} CASCADE")
 
 

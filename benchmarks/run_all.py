@@ -8,16 +8,19 @@ except the offline merge, which no other script measures):
 
 - bench_live_service.bench_vm: on a running VM (256 MiB and 1 GiB guests, Service + worker) the
   live-snapshot pause vs HMP `savevm` on the same VM, the memory save (duration, bytes) vs a bare
-  `migrate exec:cat` of the stopped VM, the restore (apply with memory until running), and (on the
-  first size) the online merge in both directions vs `cp FILE X && sync` of the same bytes;
-- offline merge (here): a stopped VM, `delete` of a snapshot whose one dependent is the current
-  state, drained by snaptree's worker (qemu-img commit / rebase), both directions, vs `cp`+`sync`
-  of the same bytes in the same directory;
+  `migrate exec:cat` of the stopped VM, the restore (apply with memory until running); then the
+  same for the same guest with its RAM on huge pages (`vm create --hugepages`);
+- bench_merge.rows: merges online (block jobs) and offline (qemu-img), both directions, interleaved
+  with `cp FILE X && sync` of the same bytes, and the CLI `snapshot delete` of a running VM;
 - bench_domain: embedded commands/s; load time after 100 vs N events; take latency with 1, 10,
   100 and 500 snapshots already in the tree;
-- bench_audit.generate + projections.decoding.fold: event replay/s;
+- bench_audit.measure: a VM with 500 snapshots and 100,000 events: `tree` from the view, replay
+  from the events alone (events/s), any VM's tree at a random past version;
 - bench_redis.latency: event -> worker latency through Redis Streams (needs the servers of
   `make test`; scripts/services.sh is run first);
+- bench_queue.rows: 200 queued takes on one stopped VM (settle lag), 1 vs 4 command consumers,
+  and where a queued take's time goes;
+- bench_cli.rows: whole `snaptree` processes: `--help`, `tree`, `vm status`, take, delete;
 - bench_libvirt.markdown_section: libvirt 9.0 side by side on the same guest, interleaved
   (installs and starts libvirt when missing: `make bench` only, never the tests).
 
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import platform
 import shlex
@@ -46,18 +48,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_audit  # noqa: E402
+import bench_cli  # noqa: E402
+import bench_merge  # noqa: E402
+import bench_queue  # noqa: E402
 import bench_domain  # noqa: E402
 import bench_libvirt  # noqa: E402
 import tables  # noqa: E402
 import bench_live_service as bls  # noqa: E402
-from adapters.config import open_app  # noqa: E402
-from adapters.qemu import qemu_img  # noqa: E402
-from adapters.storage import DataDir  # noqa: E402
-from domain import commands as c  # noqa: E402
-from domain.vm import VirtualMachine, vm_id  # noqa: E402
-from projections.decoding import Decoder, fold  # noqa: E402
-from projections.event_store import event_chunks  # noqa: E402
-from service.api import Service  # noqa: E402
 from service.bootstrap import open_service  # noqa: E402
 
 MiB = 1 << 20
@@ -104,86 +101,12 @@ def disk_free(path: Path) -> str:
     return f"{u.free / (1 << 30):.1f} GiB free of {u.total / (1 << 30):.1f} GiB"
 
 
-# ------------------------------------------------------------------ offline merge
-def qemu_io(path: str, cmd: str) -> None:
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, path], check=True, capture_output=True)
-
-
-def current_layer(svc: Service, vm: str, disk: str) -> str:
-    agg = svc.app.get_vm(vm)
-    return agg.nodes[agg.current].layers[disk]
-
-
-def offline_merge_run(svc: Service, vm: str, tag: str, n_mib: int, want: str, run: int) -> dict[str, Any]:
-    """Like bench_live_service.merge_run, on a stopped VM: the data is written into the layer files
-    with qemu-io, and the worker merges with qemu-img (commit / rebase).
-
-    Each run writes its own byte pattern: `qemu-img rebase` skips clusters whose data equals the
-    new backing's, so repeating an earlier run's pattern would move (almost) nothing."""
-    p1, p2 = (0x11 + 2 * run) & 0xFF, (0x91 + 2 * run) & 0xFF
-    n = n_mib * MiB
-    r1, r2 = (n, n + MiB) if want == "pull-up" else (n + MiB, n)
-    svc.handle(c.TakeSnapshot(vm, f"pre{tag}", memory=False), wait=False)  # a fresh (empty) current layer
-    svc.settle(vm)
-    qemu_io(current_layer(svc, vm, "a"), f"write -P {p1:#x} 0 {r1}")
-    svc.handle(c.TakeSnapshot(vm, f"mrg{tag}", memory=False), wait=False)  # holds r1 bytes
-    svc.settle(vm)
-    qemu_io(current_layer(svc, vm, "a"), f"write -P {p2:#x} {bls.MERGE_REGION2} {r2}")
-    version = svc.app.get_vm(vm).version
-    t0 = time.monotonic()
-    svc.handle(c.DeleteSnapshot(vm, f"mrg{tag}"), wait=False)
-    svc.settle(vm)
-    seconds = time.monotonic() - t0
-    events = list(svc.app.events.get(vm_id(vm), gt=version))
-    started = [e for e in events if type(e).__name__ == "MergeStarted"]
-    if len(started) != 1 or not any(type(e).__name__ == "MergeCompleted" for e in events):
-        raise RuntimeError(f"offline merge {tag}: {[type(e).__name__ for e in events]}")
-    top = current_layer(svc, vm, "a")
-    for at in (0, r1 - MiB):
-        qemu_io(top, f"read -P {p1:#x} {at} {MiB}")
-    for at in (bls.MERGE_REGION2, bls.MERGE_REGION2 + r2 - MiB):
-        qemu_io(top, f"read -P {p2:#x} {at} {MiB}")
-    return {"direction": started[0].direction, "bytes": int(started[0].bytes), "seconds": seconds}
-
-
-def offline_merges(svc: Service, work: Path, n_mib: int, reps: int) -> list[dict[str, Any]]:
-    vm = "offline"
-    path = work / "disks" / "offline-a.qcow2"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    qemu_img.create_image(str(path), 1 << 30)
-    svc.handle(c.CreateVM(vm, disk=(f"a={path}",)))
-    out = []
-    for rep in range(reps):
-        for i, want in enumerate(("pull-up", "commit-down")):
-            res = offline_merge_run(svc, vm, f"{rep}x{i}", n_mib, want, run=2 * rep + i)
-            if res["direction"] != want:
-                raise RuntimeError(f"the worker chose {res['direction']}, expected {want}")
-            log(f"offline merge {res}")
-            out.append(res)
-    return out
-
-
 # ------------------------------------------------------------------ domain / audit / redis
-def replay_rate(events: int) -> tuple[float, int]:
-    home = Path(tempfile.mkdtemp(prefix="snaptree-bench-replay-"))
+def audit_rows(events: int) -> list[bench_audit.Row]:
+    """bench_audit's table: `tree` from the view, replay from the events, past trees (500 snapshots)."""
+    home = Path(tempfile.mkdtemp(prefix="snaptree-bench-audit-"))
     try:
-        data = DataDir.open(home)
-        writer = open_app(data, environ={})
-        bench_audit.generate(writer, data, events)
-        writer.close()
-        del writer
-        gc.collect()
-        app = open_app(data, environ={})
-        big = app.get_vm(bench_audit.BIG)
-        vid = vm_id(bench_audit.BIG)
-
-        def replay() -> None:
-            agg = fold(Decoder(app).events(vid, event_chunks(app, vid)))
-            assert isinstance(agg, VirtualMachine) and agg.version == big.version
-
-        runs = bench_audit.timed(replay, 5)
-        app.close()
-        return big.version / med(runs), big.version
+        return bench_audit.measure(events, home)[0]
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -207,21 +130,56 @@ def pct(values: list[float], p: float) -> float:
 
 # What is known about each target this machine misses (measured by this benchmark's authors).
 WHY_MISSED = {
+    "live-snapshot pause, 1024 MiB guest on huge pages": (
+        "not seen missed on a quiet machine (2-6 ms); on a loaded one the vCPU and QEMU's main thread"
+        " compete for 2 cores during the pause"),
     "live-snapshot pause, 1024": (
-        "the first background snapshot splits the guest RAM's transparent huge pages; later takes arm"
-        " userfaultfd write protection page by page (first take 5-11 ms, later ones up to ~80 ms) on 2"
-        " cores shared with the vCPU. Re-collapsing huge pages after a save (MADV_COLLAPSE), hugetlbfs-backed"
-        " guest RAM as a VM option, or priority for QEMU during the take would reach it"),
+        "on ordinary 4 KiB pages: the first background snapshot splits the guest RAM's transparent huge"
+        " pages; later takes arm userfaultfd write protection page by page (first take 5-11 ms, later"
+        " ones up to ~80 ms) on 2 cores shared with the vCPU. The same VM on huge pages"
+        " (`vm create --hugepages`, its own row) meets it; it is not the default because the host's"
+        " administrator must reserve the pages"),
+    "memory save, 1024 MiB guest on huge pages": (
+        "an unexplained spread: on this machine the same save ran 236-1,482 MiB/s from run to run (at"
+        " 256 MiB it meets the target), and bare migrations of the same hugepage VM spread 261-1,310"
+        " MiB/s; a sync before each save and dropping the page cache did not settle it, and with 2 MiB"
+        " pages the per-page cost is gone. Suspect the TCG vCPU, QEMU's migration thread and the"
+        " hashing reader sharing 2 cores; next: perf on an idle machine"),
+    "memory save": (
+        "on ordinary 4 KiB pages QEMU 7.2's background snapshot flushes the state file and issues a"
+        " userfaultfd ioctl per 4 KiB page (ram_save_release_protection): ~150 MiB/s whatever the"
+        " transport (a file descriptor already; no pipe, no fork). On huge pages (its own rows) the"
+        " 256 MiB save meets it; the 1 GiB one spreads widely (its row says why). QEMU 9+ mapped-ram is not in Debian 12"),
     "merge online": (
-        "around the block job each merge pays a fixed cost: recording the plan and the outcome (with a"
-        " durability barrier before files are freed), the plan's `qemu-img map`, and removing the"
-        " merged-away file; the block job alone runs near cp speed. Planning from QEMU's block status"
-        " and removing files after the reply would close most of the gap"),
+        "the fixed cost around the block job is now ~0.15 s (was ~0.27: the plan reads L2 tables"
+        " instead of `qemu-img map` processes, half the QMP round trips), of which removing the"
+        " merged-away 256 MiB file is 50-95 ms (dropping its cached pages and freeing blocks; it"
+        " cannot move before the outcome is durable) and a flush of the target that QEMU 7.2's"
+        " stream/commit omit; QEMU's stream copies 512 KiB at a time, serially, while the TCG vCPU"
+        " holds one of the two cores. cp+sync has nothing to delete"),
     "merge offline": (
-        "the durable path: a WAL barrier, `qemu-img map` of both layers for the plan, the qemu-img"
-        " rebase/commit, then fsync-ed file removal, each a separate process; qemu-img alone runs at"
-        " 750-900 MiB/s on a quiet machine. Removing files asynchronously and planning from one map"
-        " call would close most of it"),
+        "qemu-img rebase/commit plus ~75 ms around it (checks of both layers side by side, a"
+        " durability barrier, the removal of the merged-away file, 50-95 ms at 256 MiB); the"
+        " removal cannot move before the outcome is durable"),
+    "200 takes, one stopped VM: disk work": (
+        "queued takes of a stopped VM are now done in batches (one template-made overlay per take, one"
+        " fsync barrier and one commit per batch: 115 -> 12.6 ms per take); what remains is mostly"
+        " the ~18 real flattens a 200-take run needs past the chain limit (a qemu-img rebase and two"
+        " commits each) and aggregate snapshots every 100 events, on 2 cores shared with the decisions"),
+    "commands/s, 4 command consumers": (
+        "both cores are busy with one consumer already (consumer, relay, worker, PostgreSQL, Redis):"
+        " more processes cannot add CPU. With the stream shared, each consumer gets a quarter of every"
+        " VM's commands, so batches shrink and each replays what the others saved; a per-VM turn"
+        " (Redis lease) stopped the lost-race retries (0.28x -> 0.57x). Reaching 3x needs >= 3 idle"
+        " cores and VM-owned consumers (entries handed to the VM's owner with XCLAIM)"),
+    "`snaptree tree VM`": (
+        "no store library and no aggregate any more (sqlite3 reads the tree view, layer bytes come from"
+        " the L2 tables); left: Python's start with site (~25 ms), click (~35 ms), the read itself."
+        " 145-150 ms on a quiet machine, so a run under load lands on either side of the line; a margin"
+        " needs read verbs without click, or a resident process"),
+    "`snaptree": (
+        "the floor is Python start plus the modules a verb needs; on a loaded machine a run of 11"
+        " processes swings by 30-50%"),
 }
 
 
@@ -229,19 +187,24 @@ WHY_MISSED = {
 # times on this machine; issue 13 item 3). Not re-measured by each run: update it with the code.
 WHERE_THE_TIME_GOES = """## Where the time goes (take, apply, delete)
 
-Measured 2026-12-02 on this machine (TCG, 256 MiB guest unless said), before -> after this session:
+Measured on this machine (TCG, 256 MiB guest unless said). Three columns of time: before issue 13
+(2026-12-01), after its first session (2026-12-02), after its second (2026-12-03). Instruction
+counts are callgrind's (repeatable whatever the load); wall times are medians.
 
-| step | take with memory | apply with memory | delete with one child, running |
+| step | before | 2026-12-02 | 2026-12-03 |
 |---|---|---|---|
-| process start + imports | 0.49 s -> 0.36 s (60 modules were compiled on every run where PYTHONDONTWRITEBYTECODE is set; now compiled once by the set-up); imports ~0.16 s, of which domain.vm's eventsourcing metaclass 54 ms, domain.commands 20 ms | same | same |
-| embedded `tree` | imported the PostgreSQL driver (0.23 s) -> not any more | | |
-| aggregate loads / QMP connections / /proc checks | 7 / 2 / 5 -> 1 / 1 / 1 | 1 / 1 / 1 | 1 / 1 / 1 |
-| guest pause | 5-15 ms (first take on huge pages 5-9 ms) | - | - |
-| memory save (QEMU background-snapshot) | 0.6-0.9 s (157 MiB/s; a bare migration 716 MiB/s) | - | - |
-| sha256 of the state | 0.19 s (0.64 s at 1 GiB) after the save -> ~5 ms (hashed while QEMU writes) | - | - |
-| restore (new QEMU, incoming migration) | - | 0.39-0.57 s | - |
-| block job | - | - | ~0.37 s (block-commit / stream), as libvirt's |
-| around the job: plan (`qemu-img map`), events with a durability barrier, file removal | - | - | ~0.3 s |
+| process start + imports, any verb | 0.49 s | 0.36 s (modules compiled once by the set-up) | `vm status` 1,131 M -> 548 M instructions: lazy command modules, no QMP client or asyncio for a stopped VM, the aggregate's base event declared once, compiled dataclass code reused; `--help` 82 ms |
+| `tree VM` | ~0.6 s (imported the PostgreSQL driver) | 0.37 s | 0.15 s: read with sqlite3 from the tree view when it is current, byte counts from the qcow2 L2 tables |
+| aggregate loads / QMP connections / /proc checks per take | 7 / 2 / 5 | 1 / 1 / 1 | 1 / 1 / 1 |
+| guest pause, take with memory | 6-15 ms | 5-15 ms | the same on ordinary RAM (37-41 ms at 1 GiB after the first take); **3.7-8 ms on huge pages** at both sizes (15 ms at 1 GiB under load 2-5) |
+| memory save (QEMU background-snapshot) | 157 MiB/s | 157 MiB/s | unchanged on ordinary RAM: QEMU 7.2 write-protects and flushes per 4 KiB page; on huge pages 2 MiB at a time: 256 MiB at ~0.9-1.5x a bare migration, 1 GiB 236-1,482 MiB/s from run to run (unexplained) |
+| sha256 of the state | 0.19 s / 0.64 s at 1 GiB after the save | ~5 ms (hashed while QEMU writes) | ~5 ms |
+| restore (apply: new QEMU, incoming migration) | 0.39-0.57 s | 0.39-0.57 s | unchanged |
+| merge plan (which clusters move) | `qemu-img map`, 15-68 ms | the same | ~1 ms, from the L2 tables |
+| online merge, fixed cost around the block job | 0.265 s | 0.265 s | 0.147 s (fewer QMP round trips, no pretty-printed QMP log) + a flush of the target before the source is deleted (QEMU 7.2 omits it; durability) |
+| offline merge, fixed cost | 0.09 s | 0.09 s | 0.075 s (qemu-img checks in parallel) |
+| block job itself (block-commit / stream) | ~0.37 s at 256 MiB | the same | the same: QEMU's copy loop, as libvirt's |
+| queued take of a stopped VM, disk work per take | 115 ms (a qemu-img process, a commit with a durability barrier each) | the same | 6-12.6 ms: one batch of overlays from a template, one barrier per batch |
 """
 
 
@@ -278,7 +241,6 @@ def main() -> int:
     live_args = argparse.Namespace(
         takes=2 if q else 5, switches=1 if q else 3, savevm=1 if q else 3, migrates=1 if q else 3,
         restores=1 if q else 2, merge_mib=64 if q else 256, merge_reps=1 if q else 3, cp=2 if q else 5)
-    offline_reps = 1 if q else 3
     commands = 1000 if q else 3000
     events = 10_000 if q else 100_000
     replay_events = 10_000 if q else 100_000
@@ -301,14 +263,18 @@ def main() -> int:
             live: list[dict[str, Any]] = []
             for i, mib in enumerate(sizes):
                 r = attempt(f"live VM {mib} MiB", lambda mib=mib, i=i: bls.bench_vm(
-                    svc, work, kernel, mib, live_args, with_merge=(i == 0)), errors)
+                    svc, work, kernel, mib, live_args, with_merge=False), errors)
+                if r is not None:
+                    live.append(r)
+            for mib in sizes:   # the same VM with its RAM on huge pages (`vm create --hugepages`)
+                def huge(mib: int = mib) -> dict[str, Any]:
+                    with bls.huge_pages(mib):
+                        return bls.bench_vm(svc, work, kernel, mib, live_args, with_merge=False,
+                                            hugepages=True)
+                r = attempt(f"live VM {mib} MiB on huge pages", huge, errors)
                 if r is not None:
                     live.append(r)
             res["live"] = live
-            res["offline"] = attempt("offline merges", lambda: offline_merges(
-                svc, work, live_args.merge_mib, offline_reps), errors)
-            res["offline_cp"] = attempt("cp+sync baseline (offline)", lambda: bls.cp_sync(
-                work, live_args.merge_mib * MiB, live_args.cp), errors)
         finally:
             for name in svc.app.vm_names():          # never leave a QEMU behind
                 try:
@@ -326,8 +292,14 @@ def main() -> int:
         res["take"] = {}
         for k in take_counts:
             res["take"][k] = attempt(f"take with {k} snapshots", lambda k=k: bench_domain.take_ms(k), errors)
-        res["replay"] = attempt("event replay", lambda: replay_rate(replay_events), errors)
+        res["audit"] = attempt("projections, replay, past trees", lambda: audit_rows(replay_events), errors)
         res["redis"] = attempt("Redis event -> worker latency", lambda: redis_latency(redis_n), errors)
+        res["merges"] = attempt("merges vs cp+sync (bench_merge)", lambda: bench_merge.rows(
+            mib=live_args.merge_mib, reps=live_args.merge_reps, cli_mib=16 if q else 64,
+            cli_reps=1 if q else 3), errors)
+        res["queue"] = attempt("through the queue (bench_queue)", lambda: bench_queue.rows(quick=q), errors)
+        res["cli"] = attempt("CLI start (bench_cli)", lambda: bench_cli.rows(runs=5 if q else 11,
+                                                                             big=50 if q else 500), errors)
 
     elapsed = time.monotonic() - t_start
     load_after = bls.loadavg()
@@ -385,54 +357,41 @@ def build_rows(res: dict[str, Any], a: argparse.Namespace, events: int, replay_e
     rows: list[list[str]] = []
     for r in res.get("live") or []:
         mib = r["mib"]
+        ram = f"{mib} MiB guest" + (" on huge pages" if r.get("hugepages") else "")
         p, sv = med(r["pause"]), med(r["savevm_pause"])
         ratio = p / sv
         if mib == 256:
             target, ok = "<= 20 ms", p <= 20.0
         else:
             target, ok = "<= 1/100 of savevm", ratio <= 0.01
-        rows.append([f"live-snapshot pause, {mib} MiB guest", f"{p:.1f} ms ({spread(r['pause'])})",
+        rows.append([f"live-snapshot pause, {ram}", f"{p:.1f} ms ({spread(r['pause'])})",
                      f"savevm {sv:.0f} ms ({spread(r['savevm_pause'], '{:.0f}')})",
                      f"1/{1 / ratio:.0f}", target, verdict(ok)])
     for r in res.get("live") or []:
         mib = r["mib"]
+        ram = f"{mib} MiB guest" + (" on huge pages" if r.get("hugepages") else "")
         secs, nbytes = med(r["save_s"]), med(r["save_bytes"])
         bw, mbw = med(r["save_bw"]), med(r["mig_bw"])
-        rows.append([f"memory save, {mib} MiB guest ({', '.join(r['method'])})",
+        rows.append([f"memory save, {ram} ({', '.join(r['method'])})",
                      f"{secs:.2f} s, {nbytes / MiB:.0f} MiB = {bw:.0f} MiB/s ({spread(r['save_s'], '{:.2f}')} s)",
                      f"bare migrate of the stopped VM: {med(r['mig_s']):.2f} s, "
                      f"{med(r['mig_bytes']) / MiB:.0f} MiB = {mbw:.0f} MiB/s",
-                     f"{bw / mbw:.2f}x", "(none)", "-"])
-        rows.append([f"restore (apply with memory until running), {mib} MiB guest",
+                     f"{bw / mbw:.2f}x", ">= 0.8x bare migration", verdict(bw / mbw >= 0.8)])
+        rows.append([f"restore (apply with memory until running), {ram}",
                      f"{med(r['restore_s']):.2f} s ({spread(r['restore_s'], '{:.2f}')}); old QEMU stop "
                      f"{med(r['restore_old_stop_s']):.2f} s", "-", "-", "(none)", "-"])
 
-    def merge_rows(kind: str, runs: list[dict[str, Any]], cps: list[float]) -> None:
-        for direction in ("pull-up", "commit-down"):
-            mine = [m for m in runs if m["direction"] == direction]
-            if not mine or not cps:
-                continue
-            nbytes = med([m["bytes"] for m in mine])
-            cp_bw = nbytes / MiB / med(cps)
-            bws = [m["bytes"] / MiB / m["seconds"] for m in mine]
-            rows.append([f"merge {kind}, {direction}",
-                         f"{med(bws):.0f} MiB/s ({nbytes / MiB:.0f} MiB, {spread(bws, '{:.0f}')})",
-                         f"cp+sync {cp_bw:.0f} MiB/s ({spread(cps, '{:.2f}')} s)",
-                         f"{med(bws) / cp_bw:.2f}x", ">= 1.0x cp+sync", verdict(med(bws) / cp_bw >= 1.0)])
-
-    live = res.get("live") or []
-    if live and live[0].get("merges"):
-        merge_rows("online (running VM, block job)", live[0]["merges"], live[0]["cp_s"])
-    if res.get("offline") and res.get("offline_cp"):
-        merge_rows("offline (stopped VM, qemu-img)", res["offline"], res["offline_cp"])
+    rows += res.get("merges") or []   # bench_merge: online and offline, interleaved with cp+sync
+    rows += res.get("queue") or []    # bench_queue: through Redis Streams + PostgreSQL
+    for measure, value, target, met in res.get("cli") or []:   # bench_cli: whole processes
+        rows.append([measure, value, "-", "-", target,
+                     "-" if met == "-" else verdict(met == "yes")])
 
     if res.get("cps") is not None:
         rows.append(["embedded commands/s (SQLite)", f"{res['cps']:,.0f}/s", "-", "-", ">= 2,000/s",
                      verdict(res["cps"] >= 2000)])
-    if res.get("replay") is not None:
-        rate, n = res["replay"]
-        rows.append([f"event replay ({n:,} events, median of 5)", f"{rate:,.0f} events/s", "-", "-",
-                     ">= 100,000/s", verdict(rate >= 100_000)])
+    for name, wall, _cpu, target, ok in res.get("audit") or []:  # bench_audit: wall clock
+        rows.append([name.strip(), wall, "-", "-", target, verdict(ok) if target != "-" else "-"])
     small, large = res.get("load_small"), res.get("load_large")
     if small is not None and large is not None:
         rows.append([f"aggregate load after {events:,} events", f"{large:.2f} ms",
