@@ -574,6 +574,14 @@ class Snaptree:
     def timed(self, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
         return timed(self.argv(*args), timeout=600, env=self.env, cwd=ROOT)
 
+    def take_with_memory(self, snap: str) -> tuple[float, dict[str, Any]]:
+        """`snapshot take` of the running VM: (CLI wall s, the snapshot's memory record)."""
+        secs, p = self.timed("snapshot", "take", self.name, snap, "--json")
+        mem = json.loads(p.stdout)["memory"]
+        if mem["state"] != "saved":
+            raise RuntimeError(f"snaptree {self.name} take {snap}: memory {mem}")
+        return secs, mem
+
     def pid(self) -> int | None:
         return read_pid(self.run_dir / "qemu.pid")
 
@@ -678,10 +686,7 @@ def bench_size(work: Path, kernel: str, mib: int, args: argparse.Namespace, stop
         # -- take with memory, running
         for i in range(args.rounds):
             with frozen(lv.pid()):
-                secs, p = sn.timed("snapshot", "take", sn.name, f"t{i}", "--json")
-                mem = json.loads(p.stdout)["memory"]
-                if mem["state"] != "saved":
-                    raise RuntimeError(f"snaptree take t{i}: memory {mem}")
+                secs, mem = sn.take_with_memory(f"t{i}")
                 r["sn_take"].append(secs)
                 r["sn_pause"].append(float(mem["pause_ms"]))
                 r["sn_bytes"].append(float(mem["bytes"]))
@@ -778,10 +783,7 @@ def hugepage_takes(work: Path, kernel: str, mib: int, args: argparse.Namespace, 
             if args.preload:
                 log(f"{mib} MiB: snaptree --hugepages preload {hp.preload(mib * MiB // 2):.1f} s")
             for i in range(args.rounds):
-                secs, p = hp.timed("snapshot", "take", hp.name, f"t{i}", "--json")
-                mem = json.loads(p.stdout)["memory"]
-                if mem["state"] != "saved":
-                    raise RuntimeError(f"snaptree --hugepages take t{i}: memory {mem}")
+                secs, mem = hp.take_with_memory(f"t{i}")
                 r["hp_take"].append(secs)
                 r["hp_pause"].append(float(mem["pause_ms"]))
                 log(f"{mib} MiB: take on huge pages {secs:.2f} s pause {r['hp_pause'][-1]:.1f} ms")

@@ -13,7 +13,7 @@ from typing import Any
 
 from adapters import bundle
 from adapters.bundle import Progress
-from adapters.qemu import qcow2
+from adapters.qemu import qcow2, qemu_img
 from service.api import Service
 from adapters.vm_lock import vm_lock
 from domain.errors import Refused
@@ -46,7 +46,7 @@ def export_vm(svc: Service, name: str, out: str, progress: Progress = bundle.qui
         os.chmod(tmp, 0o600)
         try:
             files = write_bundle(tmp, vm, members, history, progress)
-            _fsync(tmp)
+            qemu_img.fsync_path(tmp)
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -159,11 +159,3 @@ def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, mtime, 0o600
     return info
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

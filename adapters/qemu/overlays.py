@@ -78,7 +78,7 @@ def create_overlays(pairs: list[tuple[str, str]]) -> list[str]:
         for tmp, path in made:
             os.replace(tmp, path)
         for directory in sorted({os.path.dirname(path) for _, path in made}):
-            _fsync(directory)
+            qemu_img.fsync_path(directory)
     finally:
         for tmp, _ in made:
             if os.path.lexists(tmp):
@@ -134,15 +134,7 @@ def _fsync_all(paths: list[str]) -> None:
     """fsync every file, several at a time: the filesystem commits them in fewer journal flushes."""
     if len(paths) <= 1:
         for p in paths:
-            _fsync(p)
+            qemu_img.fsync_path(p)
         return
     with ThreadPoolExecutor(max_workers=min(16, len(paths)), thread_name_prefix="fsync") as pool:
-        list(pool.map(_fsync, paths))
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        list(pool.map(qemu_img.fsync_path, paths))

@@ -173,9 +173,9 @@ def create_overlay(path: str, backing: str) -> None:
         clear_stale_tmp(path)
         _run(["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", tmp])
         os.chmod(tmp, 0o600)  # guest data: the owner's only, whatever the umask
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_path(directory)
+        fsync_path(directory)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -197,7 +197,8 @@ def existing_overlay(path: str, backing: str) -> None:
         raise ValueError(f"{path} exists with backing file {current!r}, not {backing!r}")
 
 
-def _fsync_path(path: str) -> None:
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush one file or directory to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
