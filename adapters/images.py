@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from typing import Callable
+from typing import Callable, TypeVar
 
 from adapters.qemu import overlays, qcow2, qemu_img
 from adapters.qemu.errors import QemuImgError
@@ -47,6 +47,21 @@ def _identity(path: str) -> tuple[int, ...] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+T = TypeVar("T")
+
+
+def _remembered(table: dict[str, tuple[tuple[int, ...], T]], path: str, ask: Callable[[str], T]) -> T:
+    """`ask(path)`, or its answer kept from when the file was as it is now."""
+    ident = _identity(path)
+    known = table.get(path)
+    if known is not None and ident is not None and known[0] == ident:
+        return known[1]
+    answer = ask(path)
+    if ident is not None and _identity(path) == ident:  # unchanged while qemu-img read it
+        table[path] = (ident, answer)
+    return answer
 
 
 class QcowImages:
@@ -91,14 +106,7 @@ class QcowImages:
         return qcow2.backing_file(path)
 
     def allocated_bytes(self, path: str) -> int:
-        ident = _identity(path)
-        known = self._sizes.get(path)
-        if known is not None and ident is not None and known[0] == ident:
-            return known[1]
-        size = qemu_img.allocated_bytes(path)
-        if ident is not None and _identity(path) == ident:  # unchanged while qemu-img read it
-            self._sizes[path] = (ident, size)
-        return size
+        return _remembered(self._sizes, path, qemu_img.allocated_bytes)
 
     def commit(self, top: str, progress: Fraction) -> None:
         try:
@@ -121,14 +129,7 @@ class QcowImages:
         qemu_img.repair_leaks(path)
 
     def check(self, path: str) -> tuple[str, str] | None:
-        ident = _identity(path)
-        known = self._checks.get(path)
-        if known is not None and ident is not None and known[0] == ident:
-            return known[1]
-        problem = check_layer(path)
-        if ident is not None and _identity(path) == ident:
-            self._checks[path] = (ident, problem)
-        return problem
+        return _remembered(self._checks, path, check_layer)
 
     def remove(self, path: str) -> None:
         self._forget(path)

@@ -28,7 +28,8 @@ from adapters.storage import DataDir
 from domain import commands as c
 from domain.application import Snaptree
 from domain.errors import Refused
-from domain.vm import VirtualMachine, vm_id
+from domain.names import vm_id
+from domain.vm import VirtualMachine
 from projections.decoding import Decoder, fold
 from projections.event_store import event_chunks
 from projections.read import read_tree, runner_for

@@ -69,7 +69,7 @@ from adapters.qemu.machine import QemuMachine  # noqa: E402
 from domain import commands as c  # noqa: E402
 from domain.definition import Accel  # noqa: E402
 from domain.memory import Memory  # noqa: E402
-from domain.vm import vm_id  # noqa: E402
+from domain.names import vm_id  # noqa: E402
 from service.api import Service  # noqa: E402
 from service.bootstrap import open_service  # noqa: E402
 from tests.guest import probe  # noqa: E402

@@ -42,7 +42,7 @@ import bench_live_service as bls  # noqa: E402
 from adapters.qemu import qemu_img  # noqa: E402
 from domain import commands as c  # noqa: E402
 from domain.definition import Accel  # noqa: E402
-from domain.vm import vm_id  # noqa: E402
+from domain.names import vm_id  # noqa: E402
 from service.api import Service  # noqa: E402
 from service.bootstrap import open_service  # noqa: E402
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -23,7 +23,8 @@ from domain.decisions import decide
 from domain.errors import Refused, UnknownVM
 from domain.ports import Layout
 from domain.requests import Execution, Request, RequestBatch, command_digest, executed_digest
-from domain.vm import VirtualMachine, vm_id
+from domain.names import vm_id
+from domain.vm import VirtualMachine
 
 MAX_ATTEMPTS = 20
 
@@ -99,57 +100,51 @@ class Snaptree(Application[UUID]):
 
     def decide(self, cmd: Command, vm: VirtualMachine | None = None) -> Decided:
         """Decide `cmd` on `vm` (loaded here when not given) and save what it records."""
-        name = names.vm_name(cmd.vm)
-        with self._lock(vm_id(name)):
-            agg = vm
-            for attempt in range(MAX_ATTEMPTS):
-                if agg is None:
-                    agg = self.find_vm(name)
-                try:
-                    result, target = decide(cmd, agg, self.layout)
-                    recordings = self.save(target) if target.pending_events else []
-                except IntegrityError:
-                    self._evict(vm_id(name))
-                    if attempt == MAX_ATTEMPTS - 1:
-                        raise
-                    agg = None  # another process saved first: decide again on the fresh state
-                    continue
-                except BaseException:
-                    self._evict(vm_id(name))
-                    raise
-                return Decided(result, target, _ids(recordings, target))
-        raise AssertionError("unreachable")
+        return self._decide_and_save(names.vm_name(cmd.vm), vm, lambda agg: decide(cmd, agg, self.layout),
+                                     self.find_vm)
 
     def decide_all(self, cmds: list[Command], vm: VirtualMachine, *,
                    decided: VirtualMachine | None = None) -> Decided:
         """Decide several commands of one VM in order and save them together (one commit: a
         worker's reports of one batch). `decided`: a copy of `vm` on which they were decided
-        already (only saved, unless the race is lost). A lost race decides them all again on
-        the fresh state."""
-        name = vm.name
-        with self._lock(vm.id):
-            agg: VirtualMachine | None = vm
+        already (only saved, unless the race is lost)."""
+        def in_order(agg: VirtualMachine | None) -> tuple[Any, VirtualMachine]:
+            result: Any = None
+            for cmd in cmds:
+                result, agg = decide(cmd, agg, self.layout)
+            assert agg is not None
+            return result, agg
+
+        return self._decide_and_save(vm.name, vm, in_order, self.get_vm, decided)
+
+    def _decide_and_save(self, name: str, vm: VirtualMachine | None,
+                         decide_on: Callable[[VirtualMachine | None], tuple[Any, VirtualMachine]],
+                         load: Callable[[str], VirtualMachine | None],
+                         decided: VirtualMachine | None = None) -> Decided:
+        """Decide on `vm` and save what was recorded; when another process saved first, decide
+        again on the fresh state (the store refuses the stale save)."""
+        key = vm_id(name)
+        with self._lock(key):
+            agg = vm
             for attempt in range(MAX_ATTEMPTS):
-                if agg is None:
-                    agg = self.get_vm(name)
+                if agg is None and decided is None:
+                    agg = load(name)
                 try:
-                    result = None
                     if decided is not None:
-                        agg, decided = decided, None
+                        result, target, decided = None, decided, None
                     else:
-                        for cmd in cmds:
-                            result, agg = decide(cmd, agg, self.layout)
-                    recordings = self.save(agg) if agg.pending_events else []
+                        result, target = decide_on(agg)
+                    recordings = self.save(target) if target.pending_events else []
                 except IntegrityError:
-                    self._evict(vm.id)
+                    self._evict(key)
                     if attempt == MAX_ATTEMPTS - 1:
                         raise
                     agg = None
                     continue
                 except BaseException:
-                    self._evict(vm.id)
+                    self._evict(key)
                     raise
-                return Decided(result, agg, _ids(recordings, agg))
+                return Decided(result, target, _ids(recordings, target))
         raise AssertionError("unreachable")
 
     def execute(self, vm: str, requests: list[tuple[str, Command]]) -> list[Execution[Any] | Exception]:

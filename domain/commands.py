@@ -102,7 +102,7 @@ class CreateVM(Command):
     agent: bool = arg(True, help="a guest agent channel (virtio-serial org.qemu.guest_agent.0): quiesced"
                                  " snapshots, clock resync after a restore")
     hugepages: bool = arg(False, help="guest RAM on the host's reserved 2 MiB huge pages: memory saves"
-                                      " at disk speed and a pause of a few ms at any size")
+                                      " several times faster and a pause of a few ms at any size")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from eventsourcing.persistence import IntegrityError, PersistenceError
 from domain.commands import Command, RegisterVM
 from domain.decisions import decide
 from domain.errors import Refused, RequestIdReused, VMExists
-from domain.vm import VirtualMachine, vm_id
+from domain.names import vm_id
+from domain.vm import VirtualMachine
 
 if TYPE_CHECKING:
     from domain.application import Snaptree

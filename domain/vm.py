@@ -17,7 +17,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from domain import names, recovery
-from domain.names import VM_NAMESPACE, vm_id  # noqa: F401 (imported from here too)
+from domain.names import vm_id
 from domain.commands import Quiesce
 from domain.errors import Refused
 from domain.lifecycle import RunAction, RunRecord, RunRequest, RunState
@@ -521,4 +521,4 @@ def _memory_after_switch(memory: Memory | None, live: LiveSwitch | None) -> Memo
     return memory.but(state=MemoryState.SAVING, method=live.method, pause_ms=live.pause_ms)
 
 
-__all__ = ["VirtualMachine", "vm_id"]
+__all__ = ["VirtualMachine"]

@@ -13,7 +13,7 @@ from uuid import UUID
 from domain.application import Snaptree
 from domain.errors import UnknownVM
 from domain.names import validate_name
-from domain.vm import vm_id
+from domain.names import vm_id
 
 Row = tuple[int, str, bytes]  # (originator_version, topic, state)
 CHUNK = 20_000  # rows per query: bounded memory for long histories

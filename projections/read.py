@@ -15,10 +15,10 @@ from typing import Any, Callable
 from domain.application import Snaptree
 from domain.errors import UnknownVM
 from domain.names import validate_name
-from domain.vm import vm_id
+from domain.names import vm_id
 from projections.event_store import latest_version
 from projections.runner import ProjectionRunner
-from projections.tree_doc import doc_children, fill_bytes, merge_bytes  # noqa: F401 (doc_children: read here too)
+from projections.tree_doc import fill_bytes, merge_bytes
 
 Measure = Callable[[str], int]
 

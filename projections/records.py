@@ -18,7 +18,7 @@ from uuid import UUID
 import msgpack
 
 from domain.application import Snaptree
-from domain.vm import vm_id
+from domain.names import vm_id
 from projections.decoding import Decoder
 from projections.event_store import event_chunks
 from projections.timeline import event_name

@@ -15,7 +15,8 @@ from typing import Any
 
 from domain.application import Snaptree
 from domain.errors import Refused
-from domain.vm import VirtualMachine, vm_id
+from domain.names import vm_id
+from domain.vm import VirtualMachine
 from projections.decoding import Decoder, fold
 from projections.event_store import event_chunks, event_rows, latest_snapshot_row, latest_version
 from projections.tree_view import tree_json

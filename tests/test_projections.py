@@ -30,8 +30,8 @@ from domain.vm import VirtualMachine
 from domain.work import WorkKind, pending_work
 from eventsourcing.persistence import IntegrityError, StoredEvent
 from projections import records
+from projections.tree_doc import doc_children
 from projections.read import (
-    doc_children,
     read_merges,
     read_timeline,
     read_tree,

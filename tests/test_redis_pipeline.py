@@ -20,7 +20,8 @@ from adapters.redis_streams import WORK_GROUP
 from adapters.storage import DataDir
 from domain import commands as c
 from domain.requests import request_uuid
-from domain.vm import VirtualMachine, vm_id
+from domain.names import vm_id
+from domain.vm import VirtualMachine
 from tests.redis_harness import (
     SNAPTREE,
     Cluster,
